@@ -1,0 +1,337 @@
+"""Memory: what a model really holds, what a config implies, and what a release gives back.
+
+Three figures, never confused:
+- *reported*: ``model.get_memory_footprint()`` (parameters + buffers);
+- *true*: reported + the bitsandbytes quantization constants it leaves out (4-bit absmax, its nested
+  double-quantization state and code tables; 8-bit row scales ``SCB``), see ``true_footprint``;
+- *estimated*: both of the above computed from a config alone, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SCHEMES = ("fp32", "bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4")
+FLOAT_SCHEMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZED_SCHEMES = ("int8", "nf4", "nf4-dq", "fp4")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' default blocksize for weights
+BNB_NESTED_BLOCKSIZE = 256  # blocksize of double quantization (absmax of absmax)
+NF4_CODE_VALUES = 16  # the 4-bit lookup table each Linear4bit keeps
+NESTED_CODE_VALUES = 256  # the 8-bit dynamic map used for double quantization
+ROTARY_BUFFERS = 2  # inv_freq and original_inv_freq, float32, head_dim / 2 each
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"Unknown scheme {scheme!r}. Choose one of: {', '.join(SCHEMES)}.")
+    return scheme
+
+
+def _config_get(config, key: str):
+    return config[key] if isinstance(config, dict) else getattr(config, key, None)
+
+
+def head_dim_of(config) -> int:
+    head_dim = _config_get(config, "head_dim")
+    return int(head_dim) if head_dim else _config_get(config, "hidden_size") // _config_get(config, "num_attention_heads")
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each Linear in one decoder layer, read from a Llama config.
+
+    Grouped-query attention shows here: k_proj and v_proj have num_key_value_heads * head_dim outputs.
+    """
+    hidden = _config_get(config, "hidden_size")
+    intermediate = _config_get(config, "intermediate_size")
+    heads = _config_get(config, "num_attention_heads")
+    kv_heads = _config_get(config, "num_key_value_heads") or heads
+    head_dim = head_dim_of(config)
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, intermediate, heads, kv_heads, head_dim)):
+        raise ValueError("config must give positive integer hidden_size, intermediate_size, num_attention_heads, "
+                         "num_key_value_heads and head_dim (or hidden_size divisible by num_attention_heads)")
+    return {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden),
+        "down_proj": (hidden, intermediate),
+    }
+
+
+def parameter_counts_from_config(config) -> dict[str, int]:
+    """Parameters by component, computed from the config alone (tied embeddings share one matrix)."""
+    hidden = _config_get(config, "hidden_size")
+    vocab = _config_get(config, "vocab_size")
+    layers = _config_get(config, "num_hidden_layers")
+    shapes = linear_shapes(config)
+    attention = sum(o * i for name, (o, i) in shapes.items() if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    mlp = sum(o * i for name, (o, i) in shapes.items() if name in ("gate_proj", "up_proj", "down_proj"))
+    return {
+        "embeddings": vocab * hidden,
+        "attention": layers * attention,
+        "mlp": layers * mlp,
+        "norms": (2 * layers + 1) * hidden,
+        "lm_head": 0 if _config_get(config, "tie_word_embeddings") else vocab * hidden,
+    }
+
+
+@dataclass(frozen=True)
+class FootprintEstimate:
+    """Bytes a model built from ``config`` with ``scheme`` holds; all figures are exact integers."""
+
+    scheme: str
+    dtype: torch.dtype
+    reported: int  # what model.get_memory_footprint() says
+    true: int  # what true_footprint(model) says
+    breakdown: dict[str, int] = field(default_factory=dict)  # true bytes by part
+
+    @property
+    def hidden_constants(self) -> int:
+        """Bytes get_memory_footprint() leaves out."""
+        return self.true - self.reported
+
+
+def _quantized_linear_bytes(out_features: int, in_features: int, scheme: str) -> tuple[int, int]:
+    """(reported, hidden) bytes of one bitsandbytes Linear: weight storage, then the constants outside it."""
+    n = out_features * in_features
+    if scheme == "int8":
+        return n, out_features * 4  # int8 weight; float32 scale per output row (SCB)
+    packed = (n + 1) // 2  # two 4-bit codes per byte
+    blocks = math.ceil(n / BNB_4BIT_BLOCKSIZE)  # the remainder gets its own block
+    code = NF4_CODE_VALUES * 4
+    if scheme == "nf4-dq":
+        nested_blocks = math.ceil(blocks / BNB_NESTED_BLOCKSIZE)
+        hidden = blocks * 1 + nested_blocks * 4 + 4 + NESTED_CODE_VALUES * 4 + code  # absmax codes, scales, offset, maps
+    else:
+        hidden = blocks * 4 + code  # float32 absmax per block
+    return packed, hidden
+
+
+def estimate_footprint(config, scheme: str, dtype: torch.dtype | None = None) -> FootprintEstimate:
+    """Footprint of a Llama-architecture model for ``scheme``, from its config alone, to the byte.
+
+    ``dtype`` is the dtype of everything not quantized (embeddings, norms, lm_head, and for "fp32"/"bf16"/
+    "fp16" every weight); it defaults to the scheme's own dtype, or float32 for quantized schemes. The rotary
+    buffers stay float32 whatever the dtype. bitsandbytes quantizes the Linear layers of the decoder and
+    leaves lm_head alone.
+    """
+    check_scheme(scheme)
+    if scheme in FLOAT_SCHEMES:
+        if dtype is not None and dtype != FLOAT_SCHEMES[scheme]:
+            raise ValueError(f"scheme {scheme!r} stores everything in {FLOAT_SCHEMES[scheme]}; got dtype={dtype}. "
+                             "Leave dtype out for float schemes.")
+        dtype = FLOAT_SCHEMES[scheme]
+    dtype = dtype or torch.float32
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype for the non-quantized modules, got {dtype}")
+    element = torch.empty((), dtype=dtype).element_size()
+    counts = parameter_counts_from_config(config)
+    layers = _config_get(config, "num_hidden_layers")
+    buffers = ROTARY_BUFFERS * (head_dim_of(config) // 2) * 4
+    breakdown = {
+        "embeddings + lm_head": (counts["embeddings"] + counts["lm_head"]) * element,
+        "norms": counts["norms"] * element,
+        "buffers": buffers,
+    }
+    if scheme in FLOAT_SCHEMES:
+        breakdown["linear weights"] = (counts["attention"] + counts["mlp"]) * element
+        reported = sum(breakdown.values())
+        return FootprintEstimate(scheme, dtype, reported, reported, breakdown)
+    weights = hidden = 0
+    for out_features, in_features in linear_shapes(config).values():
+        w, h = _quantized_linear_bytes(out_features, in_features, scheme)
+        weights += layers * w
+        hidden += layers * h
+    breakdown["linear weights"] = weights
+    reported = sum(breakdown.values())
+    breakdown["quantization constants"] = hidden
+    return FootprintEstimate(scheme, dtype, reported, reported + hidden, breakdown)
+
+
+def _quantization_constants(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors a bitsandbytes Linear holds outside its parameters (absmax, nested state, code maps, SCB)."""
+    tensors: list[torch.Tensor] = []
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    while state is not None:  # 4-bit: the state, then its nested state2 when double-quantized
+        tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+        state = getattr(state, "state2", None)
+    for holder in (weight, getattr(module, "state", None)):  # 8-bit: scales live on the weight or the matmul state
+        scb = getattr(holder, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            tensors.append(scb)
+    return tensors
+
+
+def true_footprint(model: torch.nn.Module) -> int:
+    """Bytes held by the model: parameters + buffers + bitsandbytes quantization constants.
+
+    Tensors sharing storage (tied embeddings, a scale kept in two places) are counted once.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def count(tensor: torch.Tensor, nbytes: int) -> None:
+        nonlocal total
+        key = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)  # meta tensors have no address
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        count(tensor, tensor.nelement() * tensor.element_size())
+    for module in model.modules():
+        for tensor in _quantization_constants(module):
+            count(tensor, tensor.nelement() * tensor.element_size())
+    return total
+
+
+def meta_model(config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Build the model of a config on the meta device: real shapes, no memory, no download.
+
+    ``torch.device("meta")`` (unlike accelerate's ``init_empty_weights``) keeps lm_head tied to the embeddings
+    for tied configs such as Llama-3.2-1B/3B; ``tie_weights()`` makes sure of it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(config, (str, Path)):
+        config = load_reference_config(config)
+    elif isinstance(config, dict):
+        config = AutoConfig.for_model(**config)
+    if not isinstance(config, PretrainedConfig):
+        raise ValueError(f"config must be a transformers config, a dict or a path to config.json, got {type(config)}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def load_reference_config(path: str | Path):
+    """A transformers config from a config.json file (e.g. data/reference/llama-3.1-8b.config.json)."""
+    import json
+
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No config file at {path}: the reference configs live in data/reference/.")
+    values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return AutoConfig.for_model(**values)
+
+
+# --- snapshots and release -------------------------------------------------------------------------------
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage Python still references (each storage once). Deterministic, unlike RSS."""
+    seen: set[int] = set()
+    total = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # touching some torch objects during the scan raises deprecation notes
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+                continue
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if storage.data_ptr() in seen or storage.data_ptr() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc, or psutil elsewhere)."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    label: str
+    tensors: int  # live tensor bytes (all devices)
+    rss: int  # process resident memory
+    gpu_allocated: int | None
+    gpu_peak: int | None
+
+    def line(self) -> str:
+        text = f"{self.label:<22} tensors {self.tensors / 2**20:9.2f} MiB | process RSS {self.rss / 2**30:6.2f} GiB"
+        if self.gpu_allocated is not None:
+            text += f" | GPU allocated {self.gpu_allocated / 2**30:6.2f} GiB, peak {self.gpu_peak / 2**30:6.2f} GiB"
+        return text
+
+
+def snapshot(label: str = "now", show: bool = True) -> MemorySnapshot:
+    """Measure memory now: live tensors, process RSS and, on a GPU, allocated and peak bytes."""
+    gc.collect()
+    gpu = torch.cuda.is_available()
+    snap = MemorySnapshot(
+        label=label,
+        tensors=live_tensor_bytes(),
+        rss=process_rss_bytes(),
+        gpu_allocated=torch.cuda.memory_allocated() if gpu else None,
+        gpu_peak=torch.cuda.max_memory_allocated() if gpu else None,
+    )
+    if show:
+        print(snap.line())
+    return snap
+
+
+def _forget_ipython_outputs() -> None:
+    """Drop IPython's Out cache and _, __, ___ so a displayed object does not stay alive."""
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    if shell is None:
+        return
+    shell.user_ns.get("Out", {}).clear()
+    for name in ("_", "__", "___"):
+        shell.user_ns[name] = None
+    if hasattr(shell, "displayhook"):
+        shell.displayhook.flush()
+
+
+def release(*names: str, namespace: dict) -> tuple[MemorySnapshot, MemorySnapshot]:
+    """Delete ``names`` from ``namespace`` (pass ``globals()``), collect garbage, empty the CUDA cache.
+
+    Prints memory before and after and returns both snapshots. Names that are not defined are an error,
+    so a typo does not leave a model silently alive.
+    """
+    if not isinstance(namespace, dict):
+        raise ValueError("namespace must be the dict that holds the names, usually globals()")
+    missing = [name for name in names if name not in namespace]
+    if missing:
+        raise ValueError(f"Cannot release {missing}: not defined in the namespace given. Defined names are "
+                         f"released by passing them as strings, e.g. release('model', namespace=globals()).")
+    before = snapshot("before release")
+    for name in names:
+        del namespace[name]
+    _forget_ipython_outputs()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    after = snapshot("after release")
+    return before, after
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable bytes in binary units (KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,} B"

@@ -1,0 +1,136 @@
+"""Loading a profile's model in a precision scheme, and reading its anatomy.
+
+The decisions (dtype, quantization config, device map) are made by ``from_pretrained_kwargs``, a pure
+function of (profile, scheme, hardware), so they are tested for every combination without a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from helpers.environment import Hardware, detect_hardware
+from helpers.memory import FLOAT_SCHEMES, LINEAR_NAMES, check_scheme
+from helpers.profiles import Profile
+
+REQUIRED_LOCAL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def compute_dtype_for(hardware: Hardware) -> tuple[torch.dtype, str]:
+    """The 4-bit compute dtype for this hardware, and why.
+
+    bfloat16 where it is native (capability 8.0+). A T4 (7.5) only emulates bfloat16, although
+    ``torch.cuda.is_bf16_supported()`` says True, so float16 is used there. On the CPU, bitsandbytes'
+    4-bit kernels accept bfloat16 and float32; bfloat16 matches what the GPU recipe does.
+    """
+    if hardware.device == "cpu":
+        return torch.bfloat16, "CPU: bitsandbytes' CPU 4-bit matmul supports bfloat16 (the QLoRA recipe's dtype)"
+    if hardware.bf16_native:
+        return torch.bfloat16, f"compute capability {hardware.compute_capability} has native bfloat16"
+    return torch.float16, (f"compute capability {hardware.compute_capability} has no native bfloat16 "
+                           "(it would be emulated, slowly), so float16")
+
+
+def from_pretrained_kwargs(profile: Profile, scheme: str, hardware: Hardware) -> dict:
+    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (pure: no I/O, no GPU needed).
+
+    Every BitsAndBytesConfig knob is set on purpose, since its defaults (fp4, no double quantization,
+    float32 compute) are rarely what a course means. LLM.int8 keeps the non-quantized modules in float16,
+    the dtype its matmul computes in, so no cast happens on each call.
+    """
+    from transformers import BitsAndBytesConfig
+
+    check_scheme(scheme)
+    if profile.needs_gpu and hardware.device != "cuda":
+        raise RuntimeError(f"Profile {profile.name!r} needs a CUDA GPU; this hardware is {hardware.describe()}. "
+                           "Use the 'tiny' profile on a CPU.")
+    kwargs: dict = {"device_map": "auto"} if hardware.device == "cuda" else {}
+    if scheme in FLOAT_SCHEMES:
+        kwargs["dtype"] = FLOAT_SCHEMES[scheme]
+    elif scheme == "int8":
+        kwargs["dtype"] = torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=6.0,  # activation magnitude above which a feature takes the float16 path
+            llm_int8_has_fp16_weight=False,  # keep only the int8 weight, not a float16 copy
+            llm_int8_skip_modules=None,  # None: transformers keeps lm_head unquantized by itself
+        )
+    else:
+        compute_dtype, _ = compute_dtype_for(hardware)
+        kwargs["dtype"] = compute_dtype
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="fp4" if scheme == "fp4" else "nf4",
+            bnb_4bit_use_double_quant=scheme == "nf4-dq",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    return kwargs
+
+
+def check_local_model_files(folder: str | Path) -> None:
+    """Fail early, with the fix, when a shipped checkpoint is missing or damaged."""
+    folder = Path(folder)
+    missing = [name for name in REQUIRED_LOCAL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"The model folder {folder} lacks {', '.join(missing)}. Restore it with "
+            f"`git checkout -- {folder.name}` from the data/ folder, or rebuild it with `make rebuild-tiny-llama`.")
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = list(handle.keys())
+            for name in names:  # reading every tensor catches truncation, which the header alone does not
+                handle.get_slice(name)[:]
+    except Exception as error:  # safetensors raises several types for the same problem
+        raise RuntimeError(
+            f"{weights} is corrupted or truncated ({type(error).__name__}: {error}). Restore it with "
+            "`git checkout -- data/tiny-llama/model.safetensors` or rebuild it with `make rebuild-tiny-llama`."
+        ) from error
+
+
+def load_model(profile: Profile, scheme: str = "fp32", hardware: Hardware | None = None):
+    """Load (model, tokenizer) of a profile in a scheme: "fp32", "bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hardware = hardware or detect_hardware()
+    kwargs = from_pretrained_kwargs(profile, scheme, hardware)
+    if not profile.on_hub:
+        check_local_model_files(profile.model_id)
+    model = AutoModelForCausalLM.from_pretrained(profile.model_id, **kwargs)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(profile.model_id)
+    if tokenizer.pad_token is None:  # Llama 3 base checkpoints ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs should go (the embeddings' device under a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def component_of(parameter_name: str) -> str:
+    """Which part of a Llama a parameter belongs to: embeddings, attention, mlp, norms or lm_head."""
+    if "embed_tokens" in parameter_name:
+        return "embeddings"
+    if parameter_name.startswith("lm_head"):
+        return "lm_head"
+    if "norm" in parameter_name:
+        return "norms"
+    if any(name in parameter_name for name in LINEAR_NAMES[:4]):
+        return "attention"
+    if any(name in parameter_name for name in LINEAR_NAMES[4:]):
+        return "mlp"
+    raise ValueError(f"Parameter {parameter_name!r} is not part of a Llama architecture this course knows")
+
+
+def parameter_counts_by_component(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of a loaded (or meta) model by component, read from its modules (tied weights once)."""
+    counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    for name, parameter in model.named_parameters():  # named_parameters() skips a tied lm_head
+        counts[component_of(name)] += parameter.numel()
+    return counts

@@ -1,0 +1,377 @@
+"""LoRA by the numbers: closed-form parameter counts, adapter summaries and the weight update.
+
+peft's LoRA replaces a frozen ``nn.Linear`` weight ``W`` (shape ``(out, in)``) by ``W + scaling * B @ A``
+with ``A = lora_A`` shaped ``(r, in)``, ``B = lora_B`` shaped ``(out, r)`` and ``scaling = lora_alpha / r``
+(``lora_alpha / sqrt(r)`` with rsLoRA). One adapted Linear therefore adds ``r * (in + out)`` parameters.
+
+Everything here reads dimensions from a config or a model, never from typed numbers:
+
+- :func:`llama_linear_shapes`, :func:`lora_param_breakdown`, :func:`lora_param_count`: the closed form
+  for any set of Llama projections, grouped-query attention included;
+- :func:`summarize_adapter`: what an attached adapter really holds, counted by parameter name (an
+  adapter loaded with ``PeftModel.from_pretrained`` is frozen, so "trainable" counts say 0);
+- :func:`lora_delta_weight`: ``scaling * B @ A`` for one adapted Linear;
+- :func:`adapter_file_layout`: the tensor bytes and header bytes of ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+
+#: The seven Linear projections of every Llama decoder layer, in the order they run.
+LLAMA_LINEAR_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES: tuple[str, ...] = LLAMA_LINEAR_MODULES[:4]
+MLP_MODULES: tuple[str, ...] = LLAMA_LINEAR_MODULES[4:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed-form counts from a config
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_value(config, key: str, required: bool = True):
+    """Read ``key`` from a ``LlamaConfig`` (attribute) or a parsed ``config.json`` (mapping)."""
+    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+    if value is None and required:
+        raise ValueError(f"The config has no {key!r}: pass a LlamaConfig or a Llama config.json dictionary.")
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"The config's {key!r} must be a positive integer, got {value!r}.")
+    return None if value is None else int(value)
+
+
+def llama_linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """Return ``{module name: (in_features, out_features)}`` for the seven projections of one layer.
+
+    Grouped-query attention: k_proj and v_proj produce ``num_key_value_heads * head_dim`` features,
+    fewer than q_proj's ``num_attention_heads * head_dim``. ``head_dim`` falls back to
+    ``hidden_size / num_attention_heads`` when the config does not set it (older Llama configs).
+    """
+    hidden = _config_value(config, "hidden_size")
+    intermediate = _config_value(config, "intermediate_size")
+    heads = _config_value(config, "num_attention_heads")
+    kv_heads = _config_value(config, "num_key_value_heads", required=False) or heads
+    head_dim = _config_value(config, "head_dim", required=False)
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}: set head_dim.")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}.")
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
+
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise ValueError(f"r must be a positive integer (the LoRA rank, e.g. 8, 16 or 32), got {r!r}.")
+    if r <= 0:
+        raise ValueError(f"r must be a positive integer (the LoRA rank, e.g. 8, 16 or 32), got {r}.")
+    return int(r)
+
+
+def _check_targets(target_modules) -> tuple[str, ...]:
+    allowed = ", ".join(LLAMA_LINEAR_MODULES)
+    if isinstance(target_modules, str) or not isinstance(target_modules, (Sequence, set, frozenset)):
+        raise ValueError(f"target_modules must be a list of module names chosen from {allowed}; got {target_modules!r}.")
+    names = list(target_modules)
+    if not names:
+        raise ValueError(f"target_modules is empty: list at least one of {allowed}.")
+    unknown = [name for name in names if name not in LLAMA_LINEAR_MODULES]
+    if unknown:
+        raise ValueError(f"Unknown target module(s) {unknown}: a Llama layer's Linear modules are {allowed}.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"target_modules lists {repeated} more than once: name each module once.")
+    return tuple(name for name in LLAMA_LINEAR_MODULES if name in names)  # canonical order
+
+
+@dataclass(frozen=True)
+class LoraModuleCount:
+    """One row of a breakdown: an adapted projection and the LoRA parameters it adds per layer."""
+
+    module: str
+    in_features: int
+    out_features: int
+    r: int
+
+    @property
+    def lora_A_shape(self) -> tuple[int, int]:
+        return (self.r, self.in_features)
+
+    @property
+    def lora_B_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.r)
+
+    @property
+    def params_per_layer(self) -> int:
+        return self.r * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class LoraBreakdown:
+    """Per-module LoRA parameter counts for one config, rank and target set."""
+
+    rows: tuple[LoraModuleCount, ...]
+    num_layers: int
+    r: int
+
+    @property
+    def params_per_layer(self) -> int:
+        return sum(row.params_per_layer for row in self.rows)
+
+    @property
+    def total(self) -> int:
+        return self.num_layers * self.params_per_layer
+
+    def table(self) -> str:
+        """A fixed-width text table: one row per module, then the per-layer and whole-model totals."""
+        header = f"{'module':<10} {'in':>7} {'out':>7} {'lora_A':>14} {'lora_B':>14} {'params/layer':>13}"
+        lines = [header, "-" * len(header)]
+        for row in self.rows:
+            lines.append(
+                f"{row.module:<10} {row.in_features:>7,} {row.out_features:>7,} {str(row.lora_A_shape):>14} "
+                f"{str(row.lora_B_shape):>14} {row.params_per_layer:>13,}"
+            )
+        lines.append("-" * len(header))
+        lines.append(f"{'per layer':<55} {self.params_per_layer:>13,}")
+        lines.append(f"{f'x {self.num_layers} layers':<55} {self.total:>13,}")
+        return "\n".join(lines)
+
+
+def lora_param_breakdown(config, r: int, target_modules: Sequence[str]) -> LoraBreakdown:
+    """Return the per-module breakdown behind :func:`lora_param_count` (rows in the order the layer runs)."""
+    rank = _check_rank(r)
+    targets = _check_targets(target_modules)
+    shapes = llama_linear_shapes(config)
+    rows = tuple(LoraModuleCount(name, *shapes[name], rank) for name in targets)
+    return LoraBreakdown(rows=rows, num_layers=_config_value(config, "num_hidden_layers"), r=rank)
+
+
+def lora_param_count(config, r: int, target_modules: Sequence[str]) -> int:
+    """Number of LoRA parameters (``lora_A`` plus ``lora_B``, no biases) for a Llama config.
+
+    Each adapted Linear of shape ``(in, out)`` adds ``r * (in + out)``; every decoder layer has the
+    same projections, so the total is ``num_hidden_layers * sum over targets of r * (in + out)``.
+    ``target_modules`` is a list drawn from :data:`LLAMA_LINEAR_MODULES`; ``r`` a positive integer.
+    """
+    return lora_param_breakdown(config, r, target_modules).total
+
+
+# ---------------------------------------------------------------------------------------------
+# What an attached adapter holds
+# ---------------------------------------------------------------------------------------------
+
+
+def _lora_layers(peft_model, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    layers = [(name, module) for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
+    if not layers:
+        raise ValueError("The model has no LoRA layers: attach an adapter with get_peft_model or PeftModel.from_pretrained.")
+    found = [(name, module) for name, module in layers if adapter_name in module.lora_A]
+    if not found:
+        available = sorted({key for _, module in layers for key in module.lora_A.keys()})
+        raise ValueError(f"No LoRA weights for adapter {adapter_name!r}; the model holds {available}.")
+    return found
+
+
+def _strip_peft_prefix(name: str) -> str:
+    # PeftModel wraps the transformers model twice: base_model (the LoraModel) and .model (the original).
+    prefix = "base_model.model."
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def _uniform(values: Sequence):
+    """The single value all entries share, or None when they differ (e.g. with rank_pattern)."""
+    distinct = set(values)
+    return values[0] if len(distinct) == 1 else None
+
+
+@dataclass(frozen=True)
+class LoraModuleSummary:
+    """One adapted Linear: its path, shapes, rank, alpha, scaling, dtype and parameter count."""
+
+    name: str
+    in_features: int
+    out_features: int
+    lora_A_shape: tuple[int, ...]
+    lora_B_shape: tuple[int, ...]
+    r: int
+    lora_alpha: float
+    scaling: float
+    dtype: torch.dtype
+    num_params: int
+
+    @property
+    def target(self) -> str:
+        """The module's own name (``q_proj``, ...), the part ``target_modules`` matches."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What one named adapter adds to a model, counted from the model's own tensors.
+
+    ``r``, ``lora_alpha``, ``scaling`` and ``dtype`` are the values every adapted module shares, or
+    ``None`` when they differ between modules (peft's ``rank_pattern`` / ``alpha_pattern``).
+    ``num_params`` and ``num_bytes`` count every parameter whose name contains ``lora_A.<adapter>`` or
+    ``lora_B.<adapter>``; ``num_trainable`` is how many of those currently require gradients.
+    """
+
+    adapter_name: str
+    modules: tuple[LoraModuleSummary, ...]
+    target_modules: tuple[str, ...]
+    r: int | None
+    lora_alpha: float | None
+    scaling: float | None
+    dtype: torch.dtype | None
+    num_params: int
+    num_bytes: int
+    num_trainable: int
+
+    def table(self) -> str:
+        """One line per target type (q_proj, ...) with its shapes and how many layers have it."""
+        header = f"{'target':<10} {'layers':>6} {'lora_A':>12} {'lora_B':>12} {'params each':>12}"
+        lines = [header, "-" * len(header)]
+        for target in self.target_modules:
+            group = [m for m in self.modules if m.target == target]
+            shapes = {(m.lora_A_shape, m.lora_B_shape, m.num_params) for m in group}
+            a_shape, b_shape, params = shapes.pop() if len(shapes) == 1 else ("mixed", "mixed", "mixed")
+            lines.append(f"{target:<10} {len(group):>6} {str(a_shape):>12} {str(b_shape):>12} {params:>12,}")
+        return "\n".join(lines)
+
+
+def summarize_adapter(peft_model, adapter_name: str = "default") -> AdapterSummary:
+    """Summarize the LoRA adapter ``adapter_name`` attached to ``peft_model`` (a ``PeftModel``).
+
+    Parameters are counted by name, not by ``requires_grad``: ``PeftModel.from_pretrained`` freezes
+    the adapter, so ``print_trainable_parameters()`` reports 0 for a loaded adapter.
+    """
+    modules = []
+    for name, layer in _lora_layers(peft_model, adapter_name):
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        modules.append(
+            LoraModuleSummary(
+                name=_strip_peft_prefix(name),
+                in_features=layer.in_features,
+                out_features=layer.out_features,
+                lora_A_shape=tuple(lora_A.weight.shape),
+                lora_B_shape=tuple(lora_B.weight.shape),
+                r=int(layer.r[adapter_name]),
+                lora_alpha=layer.lora_alpha[adapter_name],
+                scaling=float(layer.scaling[adapter_name]),
+                dtype=lora_A.weight.dtype,
+                num_params=sum(p.numel() for p in (*lora_A.parameters(), *lora_B.parameters())),
+            )
+        )
+    markers = (f"lora_A.{adapter_name}.", f"lora_B.{adapter_name}.")
+    lora_params = [p for n, p in peft_model.named_parameters() if any(marker in n for marker in markers)]
+    targets_present = {m.target for m in modules}
+    return AdapterSummary(
+        adapter_name=adapter_name,
+        modules=tuple(modules),
+        # Llama projections in the order they run, anything else (another architecture) after them.
+        target_modules=tuple(t for t in LLAMA_LINEAR_MODULES if t in targets_present)
+        + tuple(sorted(targets_present - set(LLAMA_LINEAR_MODULES))),
+        r=_uniform([m.r for m in modules]),
+        lora_alpha=_uniform([m.lora_alpha for m in modules]),
+        scaling=_uniform([m.scaling for m in modules]),
+        dtype=_uniform([m.dtype for m in modules]),
+        num_params=sum(p.numel() for p in lora_params),
+        num_bytes=sum(p.numel() * p.element_size() for p in lora_params),
+        num_trainable=sum(p.numel() for p in lora_params if p.requires_grad),
+    )
+
+
+def _resolve_adapter_name(layer: LoraLayer, adapter_name: str | None) -> str:
+    available = list(layer.lora_A.keys())
+    if adapter_name is None:
+        if len(available) == 1:
+            return available[0]
+        if "default" in available:
+            return "default"
+        raise ValueError(f"This layer holds several adapters {available}: pass adapter_name.")
+    if adapter_name not in available:
+        raise ValueError(f"This layer has no adapter {adapter_name!r}; it holds {available}.")
+    return adapter_name
+
+
+def lora_delta_weight(lora_module, adapter_name: str | None = None) -> torch.Tensor:
+    """Return ``scaling * lora_B @ lora_A`` for one peft LoRA Linear, in float32, shaped ``(out, in)``.
+
+    This is what the adapter adds to the base weight: the adapted layer computes
+    ``base(x) + x @ delta.T`` (with dropout off). ``adapter_name`` defaults to the layer's only
+    adapter, or ``"default"`` (peft's name for an adapter loaded without one) when there are several.
+    The float32 product avoids slow half-precision matmuls on CPU and keeps the comparison exact.
+    """
+    if not isinstance(lora_module, LoraLayer):
+        raise TypeError(
+            f"Expected a peft LoRA layer (e.g. model.model.layers[0].self_attn.q_proj of a PeftModel), "
+            f"got {type(lora_module).__name__}."
+        )
+    name = _resolve_adapter_name(lora_module, adapter_name)
+    if name in getattr(lora_module, "lora_variant", {}):
+        raise ValueError(f"Adapter {name!r} uses a LoRA variant (e.g. DoRA) whose update is not just scaling * B @ A.")
+    weight_A = lora_module.lora_A[name].weight
+    weight_B = lora_module.lora_B[name].weight
+    if weight_A.dim() != 2:
+        raise ValueError(f"lora_delta_weight handles Linear layers; this adapter's lora_A is {weight_A.dim()}-D.")
+    return lora_module.scaling[name] * (weight_B.float() @ weight_A.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter file
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """Where the bytes of a ``.safetensors`` file go: an 8-byte length, a JSON header, then tensor data."""
+
+    path: Path
+    file_bytes: int
+    header_bytes: int
+    tensor_bytes: int
+    num_params: int
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype code such as "F32", shape)
+
+
+def adapter_file_layout(path: str | Path) -> SafetensorsLayout:
+    """Read the header of ``adapter_model.safetensors`` (or the folder holding it) without loading tensors.
+
+    The file is ``tensor_bytes`` of raw tensor data plus ``header_bytes`` (the 8-byte little-endian
+    header length and the JSON header naming every tensor's dtype, shape and byte range): that header
+    is why the file is a little larger than the parameters it stores.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass an adapter folder or its adapter_model.safetensors.")
+    with path.open("rb") as file:
+        (json_length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(json_length))
+    header.pop("__metadata__", None)
+    tensors = {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+    return SafetensorsLayout(
+        path=path,
+        file_bytes=path.stat().st_size,
+        header_bytes=8 + json_length,
+        tensor_bytes=sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in header.values()),
+        num_params=sum(math.prod(shape) for _, shape in tensors.values()),
+        tensors=tensors,
+    )

@@ -1,0 +1,247 @@
+"""helpers.lora against peft itself: counts, shapes, the weight update and the adapter file."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers.lora import (
+    ATTENTION_MODULES,
+    LLAMA_LINEAR_MODULES,
+    adapter_file_layout,
+    llama_linear_shapes,
+    lora_delta_weight,
+    lora_param_breakdown,
+    lora_param_count,
+    summarize_adapter,
+)
+
+REFERENCE_DIR = Path("/work/shared/reference")
+
+
+def random_tiny_config(rng: random.Random) -> LlamaConfig:
+    """A small Llama config with grouped-query attention and, half of the time, head_dim != hidden/heads."""
+    kv_heads = rng.choice([1, 2, 4])
+    heads = kv_heads * rng.choice([1, 2, 3])
+    head_dim = rng.choice([8, 16])
+    hidden = heads * head_dim if rng.random() < 0.5 else rng.choice([32, 48, 64])
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=rng.choice([40, 96, 128]),
+        num_hidden_layers=rng.choice([1, 2, 3]),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+    )
+
+
+def peft_lora_count(config: LlamaConfig, lora_config: LoraConfig) -> int:
+    """peft's own count: the trainable parameters of a freshly wrapped model (built on meta: no memory)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return get_peft_model(model, lora_config).get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_matches_peft_on_random_configs(seed):
+    rng = random.Random(seed)
+    config = random_tiny_config(rng)
+    targets = rng.sample(LLAMA_LINEAR_MODULES, rng.randint(1, len(LLAMA_LINEAR_MODULES)))
+    r = rng.choice([1, 2, 4, 8, 16])
+    lora_config = LoraConfig(r=r, lora_alpha=rng.choice([1, 8, 16, 64]), target_modules=targets)
+    assert lora_param_count(config, r, targets) == peft_lora_count(config, lora_config)
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.2-3b"])
+def test_count_matches_peft_on_real_reference_configs(name):
+    config = LlamaConfig(**json.loads((REFERENCE_DIR / f"{name}.config.json").read_text()))
+    lora_config = LoraConfig(r=32, lora_alpha=64, target_modules=list(ATTENTION_MODULES))
+    assert lora_param_count(config, 32, ATTENTION_MODULES) == peft_lora_count(config, lora_config)
+
+
+def test_course_adapter_count_on_llama_3_1_8b():
+    # The course's pricer adapter (r=32 on q, k, v, o of Llama-3.1-8B): 27,262,976 LoRA parameters.
+    config = json.loads((REFERENCE_DIR / "llama-3.1-8b.config.json").read_text())
+    assert lora_param_count(config, 32, ["q_proj", "k_proj", "v_proj", "o_proj"]) == 27_262_976
+
+
+def test_shapes_follow_grouped_query_attention():
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    shapes = llama_linear_shapes(config)
+    assert shapes == {
+        "q_proj": (96, 96),
+        "k_proj": (96, 32),
+        "v_proj": (96, 32),
+        "o_proj": (96, 96),
+        "gate_proj": (96, 160),
+        "up_proj": (96, 160),
+        "down_proj": (160, 96),
+    }
+
+
+def test_config_mapping_and_head_dim_fallback():
+    # A config.json dictionary without head_dim or num_key_value_heads: head_dim = 64 / 4, kv heads = heads.
+    as_dict = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
+    assert llama_linear_shapes(as_dict)["k_proj"] == (64, 64)
+    assert lora_param_count(as_dict, 2, ["q_proj", "down_proj"]) == 2 * (2 * (64 + 64) + 2 * (128 + 64))
+
+
+def test_breakdown_rows_and_totals():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, num_hidden_layers=3)
+    breakdown = lora_param_breakdown(config, 4, ["down_proj", "q_proj", "v_proj"])
+    assert [row.module for row in breakdown.rows] == ["q_proj", "v_proj", "down_proj"]  # the order the layer runs
+    assert [row.params_per_layer for row in breakdown.rows] == [4 * 128, 4 * 96, 4 * 192]
+    assert breakdown.rows[1].lora_A_shape == (4, 64) and breakdown.rows[1].lora_B_shape == (32, 4)
+    assert breakdown.total == 3 * 4 * (128 + 96 + 192)
+    table = breakdown.table()
+    assert "down_proj" in table and f"{breakdown.total:,}" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# A real (tiny, float32) model with an adapter
+# ---------------------------------------------------------------------------------------------
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def tiny_peft_model(r=4, alpha=12, targets=("q_proj", "v_proj", "down_proj"), use_rslora=False) -> PeftModel:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TINY).eval()
+    # init_lora_weights=False draws B at random too, so the update is not zero and the checks mean something.
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        init_lora_weights=False, use_rslora=use_rslora)
+    return get_peft_model(model, config).eval()
+
+
+def test_summary_counts_by_name_and_survives_freezing(tmp_path):
+    peft_model = tiny_peft_model()
+    summary = summarize_adapter(peft_model)
+    expected = lora_param_count(TINY, 4, ["q_proj", "v_proj", "down_proj"])
+    assert summary.num_params == expected == peft_model.get_nb_trainable_parameters()[0]
+    assert summary.num_trainable == expected
+    assert summary.num_bytes == 4 * expected  # float32
+    assert (summary.r, summary.lora_alpha, summary.scaling, summary.dtype) == (4, 12, 3.0, torch.float32)
+    assert summary.target_modules == ("q_proj", "v_proj", "down_proj")
+    assert len(summary.modules) == 3 * TINY.num_hidden_layers
+    first = summary.modules[0]
+    assert first.name == "model.layers.0.self_attn.q_proj"
+    assert (first.lora_A_shape, first.lora_B_shape) == ((4, 64), (64, 4))
+    assert "down_proj" in summary.table()
+
+    # Saved and loaded again, the adapter is frozen: trainable says 0, counting by name does not.
+    peft_model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM(TINY), tmp_path)
+    reloaded_summary = summarize_adapter(reloaded)
+    assert reloaded.get_nb_trainable_parameters()[0] == 0
+    assert reloaded_summary.num_trainable == 0
+    assert reloaded_summary.num_params == expected
+
+
+def test_adapter_file_layout_matches_safetensors(tmp_path):
+    peft_model = tiny_peft_model()
+    peft_model.save_pretrained(tmp_path)
+    layout = adapter_file_layout(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as file:
+        shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    assert {name: shape for name, (_, shape) in layout.tensors.items()} == shapes
+    assert layout.num_params == summarize_adapter(peft_model).num_params
+    assert layout.tensor_bytes == 4 * layout.num_params
+    assert layout.file_bytes == layout.header_bytes + layout.tensor_bytes == (tmp_path / "adapter_model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_delta_weight_reproduces_the_forward_pass(use_rslora):
+    peft_model = tiny_peft_model(use_rslora=use_rslora)
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, TINY.hidden_size)
+    for layer in peft_model.base_model.model.model.layers:
+        q_proj = layer.self_attn.q_proj
+        delta = lora_delta_weight(q_proj)
+        assert delta.shape == q_proj.base_layer.weight.shape
+        torch.testing.assert_close(q_proj(x), q_proj.base_layer(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(delta, q_proj.get_delta_weight("default"))  # peft's own update
+        assert torch.linalg.matrix_rank(delta) <= 4
+
+
+def test_delta_weight_equals_what_merging_adds():
+    peft_model = tiny_peft_model()
+    base_weight = peft_model.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight.detach().clone()
+    delta = lora_delta_weight(peft_model.base_model.model.model.layers[1].mlp.down_proj, "default")
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(merged.model.layers[1].mlp.down_proj.weight, base_weight + delta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [0, -4, 2.5, True, "8", None])
+def test_bad_rank_is_rejected(r):
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        lora_param_count(TINY, r, ["q_proj"])
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (["q_proj", "lm_head"], "Unknown target module"),
+        (["query"], "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+        ([], "target_modules is empty"),
+        ("q_proj", "must be a list"),
+        (["q_proj", "q_proj"], "more than once"),
+    ],
+)
+def test_bad_targets_are_rejected(targets, message):
+    with pytest.raises(ValueError, match=message):
+        lora_param_count(TINY, 8, targets)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}, "no 'intermediate_size'"),
+        ({"hidden_size": 60, "intermediate_size": 96, "num_attention_heads": 8, "num_hidden_layers": 1}, "not divisible"),
+        ({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 3,
+          "num_hidden_layers": 1}, "not a multiple"),
+        ({"hidden_size": -64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 1}, "positive integer"),
+    ],
+)
+def test_bad_configs_are_rejected(config, message):
+    with pytest.raises(ValueError, match=message):
+        lora_param_count(config, 8, ["q_proj"])
+
+
+def test_bad_modules_and_adapters_are_rejected():
+    peft_model = tiny_peft_model()
+    q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(TypeError, match="peft LoRA layer"):
+        lora_delta_weight(q_proj.base_layer)
+    with pytest.raises(ValueError, match="no adapter 'other'"):
+        lora_delta_weight(q_proj, "other")
+    with pytest.raises(ValueError, match="No LoRA weights for adapter 'other'"):
+        summarize_adapter(peft_model, "other")
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        summarize_adapter(LlamaForCausalLM(TINY))
+    peft_model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    assert lora_delta_weight(q_proj).shape == (64, 64)  # two adapters: "default" is chosen
+    with pytest.raises(FileNotFoundError, match="adapter folder"):
+        adapter_file_layout(Path("/nonexistent/adapter"))
+
+
+def test_dora_is_rejected():
+    torch.manual_seed(0)
+    dora = get_peft_model(LlamaForCausalLM(TINY), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        lora_delta_weight(dora.base_model.model.model.layers[0].self_attn.q_proj)

@@ -1,0 +1,364 @@
+"""The pricer task: synthetic product descriptions whose price the tiny model learns to state.
+
+The course's fine-tuned adapter answers "How much does this cost to the nearest dollar?" for real
+product listings. Offline we need a task of the same shape that a 7-million-parameter model can learn
+in minutes on a CPU, so the products here are synthetic and their price is an exact, documented
+function of their attributes:
+
+    price = round_half_up(base price of the category
+                          x material multiplier x size multiplier x brand-tier multiplier)
+
+The multipliers are stored as whole percentages so the rule is evaluated in exact integer arithmetic
+(no float rounding surprises). The colour and the wording of the description do not change the price:
+they are there so the model has to pick the attributes out of varied text.
+
+Everything the adapter's training script and the notebooks share lives here: the price rule, the
+prompt template, the generator of the train and test splits, the encoding used for training (loss
+on the answer tokens only), batched greedy answering, answer parsing and scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# The price rule
+# ---------------------------------------------------------------------------------------------
+
+#: Base price in whole dollars of a medium, plastic, standard-brand item of each category.
+CATEGORY_BASE_PRICE: dict[str, int] = {
+    "mug": 12,
+    "t-shirt": 20,
+    "lamp": 40,
+    "backpack": 50,
+    "headphones": 80,
+    "chair": 120,
+    "watch": 150,
+    "tent": 200,
+}
+#: Material multipliers, in percent.
+MATERIAL_PERCENT: dict[str, int] = {"plastic": 100, "bamboo": 125, "steel": 150, "leather": 200}
+#: Size multipliers, in percent.
+SIZE_PERCENT: dict[str, int] = {"small": 75, "medium": 100, "large": 150}
+#: Brand-tier multipliers, in percent.
+BRAND_TIER_PERCENT: dict[str, int] = {"budget": 50, "standard": 100, "premium": 200}
+#: Colours appear in the description but never change the price.
+COLORS: tuple[str, ...] = ("black", "white", "red", "blue", "green", "grey", "brown", "yellow")
+
+_ATTRIBUTE_CHOICES: dict[str, Sequence[str]] = {
+    "category": tuple(CATEGORY_BASE_PRICE),
+    "material": tuple(MATERIAL_PERCENT),
+    "size": tuple(SIZE_PERCENT),
+    "brand_tier": tuple(BRAND_TIER_PERCENT),
+    "color": COLORS,
+}
+
+
+def _check_choice(kind: str, value: str) -> None:
+    allowed = _ATTRIBUTE_CHOICES[kind]
+    if value not in allowed:
+        raise ValueError(f"Unknown {kind} {value!r}: choose one of {', '.join(allowed)}.")
+
+
+def price_of(category: str, material: str, size: str, brand_tier: str) -> int:
+    """Return the true price in whole dollars of a product with these attributes.
+
+    The product of the base price and the three percentages is an exact integer in units of
+    1/1,000,000 dollar; adding half a dollar and dividing rounds halves up (Python's ``round``
+    would round halves to even, which is harder to state in a README).
+    """
+    for kind, value in (("category", category), ("material", material), ("size", size), ("brand_tier", brand_tier)):
+        _check_choice(kind, value)
+    micro_dollars = (
+        CATEGORY_BASE_PRICE[category] * MATERIAL_PERCENT[material] * SIZE_PERCENT[size] * BRAND_TIER_PERCENT[brand_tier]
+    )
+    one_dollar = 100 * 100 * 100  # three percentages
+    return (micro_dollars + one_dollar // 2) // one_dollar
+
+
+# ---------------------------------------------------------------------------------------------
+# Descriptions, prompts and items
+# ---------------------------------------------------------------------------------------------
+
+QUESTION = "How much does this cost to the nearest dollar?"
+ANSWER_PREFIX = "Price is $"
+PROMPT_TEMPLATE = QUESTION + "\n\n{description}\n\n" + ANSWER_PREFIX
+
+# Several phrasings of the same facts, so the model learns the attributes rather than one layout.
+_DESCRIPTION_TEMPLATES: tuple[str, ...] = (
+    "{Color} {material} {category}\nSize: {size}. Brand: {brand_tier}.",
+    "{Brand_tier} {category} made of {material}\nA {size} {category} in {color}.",
+    "{Size} {color} {category}\nMaterial: {material}. A {brand_tier} brand.",
+)
+
+
+@dataclass(frozen=True)
+class Product:
+    """The attributes of one synthetic product; ``price`` follows from them by :func:`price_of`."""
+
+    category: str
+    material: str
+    size: str
+    brand_tier: str
+    color: str
+
+    def __post_init__(self) -> None:
+        for kind, value in asdict(self).items():
+            _check_choice(kind, value)
+
+    @property
+    def price(self) -> int:
+        return price_of(self.category, self.material, self.size, self.brand_tier)
+
+
+def describe(product: Product, template_index: int) -> str:
+    """Write the two-line description of ``product`` with one of the fixed phrasings."""
+    if not 0 <= template_index < len(_DESCRIPTION_TEMPLATES):
+        raise ValueError(f"template_index must be in 0..{len(_DESCRIPTION_TEMPLATES) - 1}, got {template_index}.")
+    fields = asdict(product)
+    fields.update({key.capitalize(): value.capitalize() for key, value in asdict(product).items()})
+    return _DESCRIPTION_TEMPLATES[template_index].format(**fields)
+
+
+def make_prompt(description: str) -> str:
+    """Wrap a description in the pricer question; the prompt ends with ``"Price is $"``."""
+    if not description.strip():
+        raise ValueError("The description is empty: pass the product's text.")
+    return PROMPT_TEMPLATE.format(description=description)
+
+
+@dataclass(frozen=True)
+class PricerItem:
+    """One line of a split: the prompt, the answer the model should write after it, the price, the attributes."""
+
+    prompt: str
+    answer: str
+    price: int
+    attributes: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> PricerItem:
+        record = json.loads(line)
+        missing = {"prompt", "answer", "price", "attributes"} - set(record)
+        if missing:
+            raise ValueError(f"A pricer line lacks the field(s) {sorted(missing)}: was it written by write_jsonl?")
+        return cls(**record)
+
+
+def random_item(rng: random.Random) -> PricerItem:
+    """Draw one product uniformly over every attribute and phrasing, and return its item."""
+    product = Product(**{kind: rng.choice(choices) for kind, choices in _ATTRIBUTE_CHOICES.items()})
+    description = describe(product, rng.randrange(len(_DESCRIPTION_TEMPLATES)))
+    return PricerItem(make_prompt(description), str(product.price), product.price, asdict(product))
+
+
+def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[PricerItem], list[PricerItem]]:
+    """Return ``(train, test)`` drawn from one seeded generator; no test prompt appears in train.
+
+    The test split is drawn first with distinct prompts; train items whose prompt is a test prompt are
+    redrawn, so the held-out score never rewards recalling a seen text verbatim. Attribute combinations
+    (there are only a few hundred) do repeat: the task is to read the attributes and apply the rule.
+    """
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be at least 1, got {n_train} and {n_test}.")
+    distinct_prompts = len(_DESCRIPTION_TEMPLATES) * len(COLORS) * len(CATEGORY_BASE_PRICE) * len(MATERIAL_PERCENT) * len(SIZE_PERCENT) * len(BRAND_TIER_PERCENT)
+    if n_test > distinct_prompts // 2:
+        raise ValueError(f"n_test={n_test} is too large: only {distinct_prompts} distinct prompts exist; use at most half.")
+    rng = random.Random(seed)
+    test: dict[str, PricerItem] = {}
+    while len(test) < n_test:
+        item = random_item(rng)
+        test.setdefault(item.prompt, item)
+    train: list[PricerItem] = []
+    while len(train) < n_train:
+        item = random_item(rng)
+        if item.prompt not in test:
+            train.append(item)
+    return train, list(test.values())
+
+
+#: Where the shipped splits live, found from this file so notebooks and scripts agree from any directory.
+SPLIT_DIR = Path(__file__).resolve().parents[1] / "data" / "pricer"
+#: The settings that produced the shipped splits (``data/build/make_pricer_data.py`` uses them).
+SPLIT_SEED = 20240913
+N_TRAIN = 2000
+N_TEST = 200
+
+
+def write_jsonl(items: Iterable[PricerItem], path: str | Path) -> None:
+    """Write one JSON object per line (UTF-8, ``\\n`` line ends)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as file:
+        for item in items:
+            file.write(item.to_json() + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[PricerItem]:
+    """Read a split written by :func:`write_jsonl`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: rebuild it with `python data/build/make_pricer_data.py`.")
+    with path.open(encoding="utf-8") as file:
+        return [PricerItem.from_json(line) for line in file if line.strip()]
+
+
+def load_split(name: str, split_dir: str | Path = SPLIT_DIR) -> list[PricerItem]:
+    """Read the shipped ``"train"`` or ``"test"`` split."""
+    if name not in ("train", "test"):
+        raise ValueError(f"Unknown split {name!r}: use 'train' or 'test'.")
+    return read_jsonl(Path(split_dir) / f"{name}.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training encoding: loss on the answer tokens only
+# ---------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and transformers) skips
+
+
+def encode_for_training(tokenizer, item: PricerItem) -> tuple[list[int], list[int]]:
+    """Return ``(input_ids, labels)`` for one item: the prompt's labels are ``IGNORE_INDEX``.
+
+    Prompt and answer are tokenized separately and concatenated. The byte-level pre-tokenizer
+    always splits ``$`` from the digits after it, so this equals tokenizing the whole text, and the
+    boundary between "question" and "answer" is exact. The answer ends with the end-of-text token,
+    which teaches the model to stop after the number.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos_token: the answer could not be terminated.")
+    prompt_ids = tokenizer(item.prompt)["input_ids"]
+    answer_ids = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+
+def collate_for_training(encoded: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of ``encode_for_training`` outputs into ``input_ids``, ``attention_mask``, ``labels``."""
+    if not encoded:
+        raise ValueError("The batch is empty.")
+    longest = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering, parsing and scoring
+# ---------------------------------------------------------------------------------------------
+
+#: Enough new tokens for a four-digit price, the end-of-text token and a little room to misbehave.
+ANSWER_MAX_NEW_TOKENS = 8
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = ANSWER_MAX_NEW_TOKENS, batch_size: int = 32
+) -> list[str]:
+    """Greedy-decode a completion for each prompt and return only the new text (special tokens dropped).
+
+    Prompts are left-padded so every row's last real token sits at the end of the batch; the
+    tokenizer's padding side is restored afterwards.
+    """
+    if not prompts:
+        raise ValueError("No prompts given.")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad_token: batched generation needs one.")
+    was_training = model.training
+    model.eval()
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    completions: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+            batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = previous_side
+        model.train(was_training)
+    return completions
+
+
+# The right format: digits right after "$", then the end of the answer or a line break.
+_ANSWER_PATTERN = re.compile(r"(\d+)(?:\s|$)")
+
+
+def parse_price(text: str) -> int | None:
+    """Return the whole-dollar price a completion states, or ``None`` if it is not in the right format.
+
+    ``text`` is either the completion that follows the prompt or a whole text containing ``"Price is $"``
+    (then what follows its last occurrence is read). The right format is one or more digits right after
+    the ``$``, followed by the end of the text or whitespace (anything after that is ignored). So "137"
+    and "137\\nMore" parse to 137, while "", " 137", "1,370", "12.5", "137th" and "the LORD" are ``None``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_price expects a str, got {type(text).__name__}.")
+    if ANSWER_PREFIX in text:
+        text = text.rsplit(ANSWER_PREFIX, 1)[1]
+    match = _ANSWER_PATTERN.match(text)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class PricerScores:
+    """How well a list of completions prices its items.
+
+    ``mean_absolute_error`` scores every item: an answer that cannot be parsed counts as a guess of
+    $0, so its error is the true price. (Dropping unparsable answers would let a model that rarely
+    answers look accurate.) ``mean_absolute_error_parsed`` is the error over the parsable answers
+    only, or ``None`` when there are none.
+    """
+
+    n_items: int
+    n_right_format: int
+    format_share: float
+    mean_absolute_error: float
+    mean_absolute_error_parsed: float | None
+    mean_true_price: float
+
+
+def score_answers(completions: Sequence[str], true_prices: Sequence[int]) -> PricerScores:
+    """Score completions against the true prices (see :class:`PricerScores` for the rule)."""
+    if len(completions) != len(true_prices):
+        raise ValueError(f"{len(completions)} completions but {len(true_prices)} prices: pass one of each per item.")
+    if not completions:
+        raise ValueError("Nothing to score: the lists are empty.")
+    parsed = [parse_price(text) for text in completions]
+    right_format = torch.tensor([value is not None for value in parsed])
+    predicted = torch.tensor([value if value is not None else 0 for value in parsed], dtype=torch.float64)
+    truth = torch.tensor(list(true_prices), dtype=torch.float64)
+    errors = (predicted - truth).abs()
+    n_right = int(right_format.sum())
+    return PricerScores(
+        n_items=len(completions),
+        n_right_format=n_right,
+        format_share=n_right / len(completions),
+        mean_absolute_error=float(errors.mean()),
+        mean_absolute_error_parsed=float(errors[right_format].mean()) if n_right else None,
+        mean_true_price=float(truth.mean()),
+    )

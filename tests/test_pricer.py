@@ -1,0 +1,153 @@
+"""helpers.pricer: the price rule, the splits on disk, the training encoding, parsing and scoring."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from helpers import pricer
+from helpers.pricer import PricerItem, Product, parse_price, price_of, score_answers
+
+
+@pytest.mark.parametrize(
+    ("attributes", "price"),
+    [
+        (("mug", "plastic", "medium", "standard"), 12),  # the base price itself
+        (("backpack", "leather", "large", "premium"), 300),  # 50 x 2 x 1.5 x 2
+        (("mug", "leather", "small", "budget"), 9),  # 12 x 2 x 0.75 x 0.5
+        (("mug", "bamboo", "small", "budget"), 6),  # 12 x 1.25 x 0.75 x 0.5 = 5.625
+        (("lamp", "bamboo", "small", "budget"), 19),  # 40 x 1.25 x 0.75 x 0.5 = 18.75
+        (("t-shirt", "bamboo", "small", "budget"), 9),  # 9.375 rounds down
+        (("tent", "leather", "large", "premium"), 1200),  # the most expensive product
+    ],
+)
+def test_price_rule(attributes, price):
+    assert price_of(*attributes) == price
+
+
+def test_halves_round_up():
+    # 12 x 1.25 x 0.75 x 2 = 22.5 becomes 23 (Python's round() would give 22).
+    assert price_of("mug", "bamboo", "small", "premium") == 23
+
+
+def test_colour_does_not_change_the_price():
+    prices = {Product("watch", "steel", "large", "standard", color).price for color in pricer.COLORS}
+    assert prices == {338}  # 150 x 1.5 x 1.5 = 337.5, rounded up
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: price_of("sofa", "steel", "large", "standard"), "Unknown category 'sofa'"),
+        (lambda: price_of("mug", "gold", "large", "standard"), "Unknown material 'gold'"),
+        (lambda: Product("mug", "steel", "huge", "standard", "red"), "Unknown size 'huge'"),
+        (lambda: Product("mug", "steel", "large", "luxury", "red"), "Unknown brand_tier 'luxury'"),
+        (lambda: Product("mug", "steel", "large", "standard", "pink"), "Unknown color 'pink'"),
+        (lambda: pricer.describe(Product("mug", "steel", "large", "standard", "red"), 3), "template_index"),
+        (lambda: pricer.make_prompt("  "), "description is empty"),
+        (lambda: pricer.make_splits(0, 0, 5), "at least 1"),
+        (lambda: pricer.make_splits(0, 5, 100_000), "too large"),
+        (lambda: pricer.load_split("validation"), "Unknown split"),
+        (lambda: PricerItem.from_json('{"prompt": "x"}'), "lacks the field"),
+    ],
+)
+def test_bad_input_is_rejected(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_prompt_has_the_course_shape():
+    prompt = pricer.make_prompt("Red steel mug\nSize: large. Brand: standard.")
+    assert prompt == (
+        "How much does this cost to the nearest dollar?\n\nRed steel mug\nSize: large. Brand: standard.\n\nPrice is $"
+    )
+
+
+def test_shipped_splits_are_what_the_generator_writes():
+    train, test = pricer.make_splits(pricer.SPLIT_SEED, pricer.N_TRAIN, pricer.N_TEST)
+    assert pricer.load_split("train") == train
+    assert pricer.load_split("test") == test
+    assert (len(train), len(test)) == (pricer.N_TRAIN, pricer.N_TEST)
+    assert not {item.prompt for item in test} & {item.prompt for item in train}
+    for item in train + test:
+        product = Product(**item.attributes)
+        assert item.price == product.price and item.answer == str(item.price)
+        assert item.prompt.endswith(pricer.ANSWER_PREFIX)
+
+
+def test_jsonl_round_trip(tmp_path):
+    items = [pricer.random_item(random.Random(seed)) for seed in range(5)]
+    pricer.write_jsonl(items, tmp_path / "sub" / "items.jsonl")
+    assert pricer.read_jsonl(tmp_path / "sub" / "items.jsonl") == items
+    with pytest.raises(FileNotFoundError, match="make_pricer_data"):
+        pricer.read_jsonl(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("text", "price"),
+    [
+        ("137", 137),
+        ("137\nHow much", 137),
+        ("42 dollars", 42),
+        ("How much ...\n\nPrice is $88", 88),
+        ("Price is $5 and Price is $7", 7),
+        ("", None),
+        (" 137", None),
+        ("1,370", None),
+        ("12.5", None),
+        ("137th", None),
+        ("and the LORD spake", None),
+        ("$137", None),
+    ],
+)
+def test_parse_price(text, price):
+    assert parse_price(text) == price
+
+
+def test_parse_price_rejects_non_text():
+    with pytest.raises(TypeError, match="expects a str"):
+        parse_price(137)
+
+
+def test_scores_count_unparsable_answers_as_zero():
+    scores = score_answers(["100", "oops", "250\n"], [110, 40, 200])
+    assert scores.n_items == 3 and scores.n_right_format == 2
+    assert scores.format_share == pytest.approx(2 / 3)
+    assert scores.mean_absolute_error == pytest.approx((10 + 40 + 50) / 3)
+    assert scores.mean_absolute_error_parsed == pytest.approx((10 + 50) / 2)
+    assert scores.mean_true_price == pytest.approx(350 / 3)
+    assert score_answers(["no"], [9]).mean_absolute_error_parsed is None
+    with pytest.raises(ValueError, match="one of each"):
+        score_answers(["1"], [1, 2])
+    with pytest.raises(ValueError, match="empty"):
+        score_answers([], [])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # The shipped tiny model's tokenizer; /tmp/tl_test is the development checkpoint of the same tokenizer.
+    for path in (pricer.SPLIT_DIR.parent / "tiny-llama", Path("/tmp/tl_test")):
+        if (path / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(path)
+    pytest.skip("The tiny-llama tokenizer is missing: rebuild it with data/build/train_tiny_llama.py.")
+
+
+def test_training_encoding_masks_the_prompt(tokenizer):
+    item = pricer.load_split("test")[0]
+    input_ids, labels = pricer.encode_for_training(tokenizer, item)
+    whole = tokenizer(item.prompt + item.answer)["input_ids"] + [tokenizer.eos_token_id]
+    assert input_ids == whole  # splitting at "$" changes no token
+    answer_length = len(item.answer) + 1  # one token per digit, then end-of-text
+    assert labels[-answer_length:] == input_ids[-answer_length:]
+    assert set(labels[:-answer_length]) == {pricer.IGNORE_INDEX}
+    assert tokenizer.decode(input_ids[-answer_length:-1]) == item.answer
+
+    batch = pricer.collate_for_training([(input_ids, labels), (input_ids[:5], labels[:5])], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(input_ids))
+    assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * (len(input_ids) - 5)
+    assert (batch["labels"][1] == pricer.IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="empty"):
+        pricer.collate_for_training([], 0)

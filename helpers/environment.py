@@ -117,7 +117,7 @@ def install_on_colab(repo_root: Path) -> None:
 
 
 _KNOWN_NOISE = {
-    "progress bars": "transformers' and huggingface_hub's loading/saving bars",
+    "progress bars": "transformers' and huggingface_hub's loading/saving bars (and tqdm's note about ipywidgets)",
     "bitsandbytes kernels line": "bitsandbytes' note that the optional `kernels` package (Hub-fetched CPU "
                                  "kernels) is missing; the built-in CPU kernels are used instead",
     "LLM.int8 cast warning": "`MatMul8bitLt: inputs will be cast from torch.float32 to float16`, repeated on every call",
@@ -137,6 +137,7 @@ def quiet_known_noise(verbose: bool = True) -> list[str]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from")
+    warnings.filterwarnings("ignore", message=r"IProgress not found")  # tqdm.auto without ipywidgets
     import huggingface_hub.utils
     import transformers
 

@@ -56,14 +56,14 @@ ARCHITECTURE = dict(
 TRAINING = dict(
     sequence_length=256,
     batch_size=16,
-    steps=1200,
+    steps=1000,
     peak_learning_rate=3e-3,
     min_learning_rate=3e-4,
     warmup_steps=100,
     weight_decay=0.1,
     betas=(0.9, 0.95),
     grad_clip=1.0,
-    torch_threads=2,
+    torch_threads=1,
 )
 
 VERSE_LINE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")

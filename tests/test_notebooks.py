@@ -1,0 +1,78 @@
+"""The committed notebooks: executed top to bottom, no secrets, Colab-ready, few ignored cells, no noise."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers import environment, runner
+
+NOTEBOOKS = runner.course_notebooks()
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+IGNORE_MARKERS = ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP")
+
+
+def read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+def code_cells(notebook):
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS][:1] == ["01_full_precision.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_executed_top_to_bottom_with_counts_1_to_n(path):
+    cells = code_cells(read(path))
+    assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_hub_token_anywhere(path):
+    assert not TOKEN_PATTERN.search(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_badge_and_setup_point_at_the_repository(path):
+    notebook = read(path)
+    slug = environment.REPOSITORY_URL.split("github.com/")[1]
+    badge_target = f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}"
+    assert notebook.cells[0].cell_type == "markdown" and badge_target in notebook.cells[0].source
+    setup = code_cells(notebook)[0].source
+    assert f'REPOSITORY_URL = "{environment.REPOSITORY_URL}"' in setup
+    assert "install_on_colab" in setup
+    assert notebook.metadata.get("accelerator") == "GPU"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_profile_parameter_in_the_first_cells(path):
+    assert any(cell.source.startswith("PROFILE = ") for cell in code_cells(read(path))[:3])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_at_most_a_fifth_of_cells_ignored_and_each_says_why(path):
+    cells = code_cells(read(path))
+    ignored = [cell for cell in cells if cell.source.startswith(IGNORE_MARKERS)]
+    assert len(ignored) <= 0.2 * len(cells), f"{len(ignored)} of {len(cells)} code cells are ignored"
+    for cell in ignored:
+        second_line = cell.source.splitlines()[1] if len(cell.source.splitlines()) > 1 else ""
+        assert second_line.startswith("# ("), f"an ignored cell must say why on its second line: {cell.source[:80]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_stderr_and_no_errors_in_committed_outputs(path):
+    for cell in code_cells(read(path)):
+        for output in cell.outputs:
+            assert output.output_type != "error", f"error output in {cell.source[:60]!r}"
+            assert output.get("name") != "stderr", f"stderr in {cell.source[:60]!r}: {output.get('text', '')[:200]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_has_a_summary_cell_and_releases_memory(path):
+    cells = code_cells(read(path))
+    assert any(runner.SUMMARY_TAG in cell.metadata.get("tags", []) for cell in cells)
+    assert any("memory.release(" in cell.source for cell in cells)

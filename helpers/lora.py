@@ -23,14 +23,15 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft.tuners.lora.layer import LoraLayer
 
-#: The seven Linear projections of every Llama decoder layer, in the order they run.
-LLAMA_LINEAR_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTENTION_MODULES: tuple[str, ...] = LLAMA_LINEAR_MODULES[:4]
-MLP_MODULES: tuple[str, ...] = LLAMA_LINEAR_MODULES[4:]
+from helpers.memory import LINEAR_NAMES, linear_shapes
+
+ATTENTION_MODULES: tuple[str, ...] = LINEAR_NAMES[:4]  # q_proj, k_proj, v_proj, o_proj
+MLP_MODULES: tuple[str, ...] = LINEAR_NAMES[4:]  # gate_proj, up_proj, down_proj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,43 +39,27 @@ MLP_MODULES: tuple[str, ...] = LLAMA_LINEAR_MODULES[4:]
 # ---------------------------------------------------------------------------------------------
 
 
-def _config_value(config, key: str, required: bool = True):
-    """Read ``key`` from a ``LlamaConfig`` (attribute) or a parsed ``config.json`` (mapping)."""
-    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-    if value is None and required:
-        raise ValueError(f"The config has no {key!r}: pass a LlamaConfig or a Llama config.json dictionary.")
-    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"The config's {key!r} must be a positive integer, got {value!r}.")
-    return None if value is None else int(value)
-
-
 def llama_linear_shapes(config) -> dict[str, tuple[int, int]]:
     """Return ``{module name: (in_features, out_features)}`` for the seven projections of one layer.
 
-    Grouped-query attention: k_proj and v_proj produce ``num_key_value_heads * head_dim`` features,
-    fewer than q_proj's ``num_attention_heads * head_dim``. ``head_dim`` falls back to
-    ``hidden_size / num_attention_heads`` when the config does not set it (older Llama configs).
+    The dimensions come from :func:`helpers.memory.linear_shapes` (which reads them from the config,
+    grouped-query attention included), turned around into the ``(in, out)`` order LoRA's ``A`` and ``B``
+    follow: ``lora_A`` is ``(r, in)``, ``lora_B`` is ``(out, r)``.
     """
-    hidden = _config_value(config, "hidden_size")
-    intermediate = _config_value(config, "intermediate_size")
-    heads = _config_value(config, "num_attention_heads")
-    kv_heads = _config_value(config, "num_key_value_heads", required=False) or heads
-    head_dim = _config_value(config, "head_dim", required=False)
-    if head_dim is None:
-        if hidden % heads:
-            raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}: set head_dim.")
-        head_dim = hidden // heads
-    if heads % kv_heads:
-        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}.")
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, intermediate),
-        "up_proj": (hidden, intermediate),
-        "down_proj": (intermediate, hidden),
-    }
+    shapes = linear_shapes(_as_attributes(config))
+    return {name: (in_features, out_features) for name, (out_features, in_features) in shapes.items()}
+
+
+def _as_attributes(config):
+    """A parsed config.json read by attribute, so optional keys it lacks (head_dim, ...) read as None."""
+    return SimpleNamespace(**config) if isinstance(config, Mapping) else config
+
+
+def _num_layers(config) -> int:
+    layers = getattr(_as_attributes(config), "num_hidden_layers", None)
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers <= 0:
+        raise ValueError(f"The config's num_hidden_layers must be a positive integer, got {layers!r}.")
+    return int(layers)
 
 
 def _check_rank(r) -> int:
@@ -86,19 +71,19 @@ def _check_rank(r) -> int:
 
 
 def _check_targets(target_modules) -> tuple[str, ...]:
-    allowed = ", ".join(LLAMA_LINEAR_MODULES)
+    allowed = ", ".join(LINEAR_NAMES)
     if isinstance(target_modules, str) or not isinstance(target_modules, (Sequence, set, frozenset)):
         raise ValueError(f"target_modules must be a list of module names chosen from {allowed}; got {target_modules!r}.")
     names = list(target_modules)
     if not names:
         raise ValueError(f"target_modules is empty: list at least one of {allowed}.")
-    unknown = [name for name in names if name not in LLAMA_LINEAR_MODULES]
+    unknown = [name for name in names if name not in LINEAR_NAMES]
     if unknown:
         raise ValueError(f"Unknown target module(s) {unknown}: a Llama layer's Linear modules are {allowed}.")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"target_modules lists {repeated} more than once: name each module once.")
-    return tuple(name for name in LLAMA_LINEAR_MODULES if name in names)  # canonical order
+    return tuple(name for name in LINEAR_NAMES if name in names)  # canonical order
 
 
 @dataclass(frozen=True)
@@ -160,7 +145,7 @@ def lora_param_breakdown(config, r: int, target_modules: Sequence[str]) -> LoraB
     targets = _check_targets(target_modules)
     shapes = llama_linear_shapes(config)
     rows = tuple(LoraModuleCount(name, *shapes[name], rank) for name in targets)
-    return LoraBreakdown(rows=rows, num_layers=_config_value(config, "num_hidden_layers"), r=rank)
+    return LoraBreakdown(rows=rows, num_layers=_num_layers(config), r=rank)
 
 
 def lora_param_count(config, r: int, target_modules: Sequence[str]) -> int:
@@ -168,7 +153,8 @@ def lora_param_count(config, r: int, target_modules: Sequence[str]) -> int:
 
     Each adapted Linear of shape ``(in, out)`` adds ``r * (in + out)``; every decoder layer has the
     same projections, so the total is ``num_hidden_layers * sum over targets of r * (in + out)``.
-    ``target_modules`` is a list drawn from :data:`LLAMA_LINEAR_MODULES`; ``r`` a positive integer.
+    ``target_modules`` is a list drawn from ``helpers.memory.LINEAR_NAMES`` (the seven projections);
+    ``r`` a positive integer.
     """
     return lora_param_breakdown(config, r, target_modules).total
 
@@ -285,8 +271,8 @@ def summarize_adapter(peft_model, adapter_name: str = "default") -> AdapterSumma
         adapter_name=adapter_name,
         modules=tuple(modules),
         # Llama projections in the order they run, anything else (another architecture) after them.
-        target_modules=tuple(t for t in LLAMA_LINEAR_MODULES if t in targets_present)
-        + tuple(sorted(targets_present - set(LLAMA_LINEAR_MODULES))),
+        target_modules=tuple(t for t in LINEAR_NAMES if t in targets_present)
+        + tuple(sorted(targets_present - set(LINEAR_NAMES))),
         r=_uniform([m.r for m in modules]),
         lora_alpha=_uniform([m.lora_alpha for m in modules]),
         scaling=_uniform([m.scaling for m in modules]),

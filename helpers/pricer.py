@@ -14,7 +14,7 @@ they are there so the model has to pick the attributes out of varied text.
 
 Everything the adapter's training script and the notebooks share lives here: the price rule, the
 prompt template, the generator of the train and test splits, the encoding used for training (loss
-on the answer tokens only), batched greedy answering, answer parsing and scoring.
+on the answer tokens only), greedy answering, answer parsing and scoring.
 """
 
 from __future__ import annotations
@@ -195,6 +195,20 @@ N_TRAIN = 2000
 N_TEST = 200
 
 
+#: Where the shipped adapter lives (``data/build/train_pricer_adapter.py`` writes it).
+ADAPTER_DIR = SPLIT_DIR.parent / "pricer-adapter"
+#: The LoRA settings of the shipped adapter: those of the course's pricer adapter (r=32, alpha=64,
+#: the four attention projections). ``peft.LoraConfig(**ADAPTER_LORA_SETTINGS)`` rebuilds the config.
+ADAPTER_LORA_SETTINGS: dict = dict(
+    r=32,
+    lora_alpha=64,
+    lora_dropout=0.05,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    bias="none",
+    task_type="CAUSAL_LM",
+)
+
+
 def write_jsonl(items: Iterable[PricerItem], path: str | Path) -> None:
     """Write one JSON object per line (UTF-8, ``\\n`` line ends)."""
     path = Path(path)
@@ -261,49 +275,6 @@ def collate_for_training(encoded: Sequence[tuple[list[int], list[int]]], pad_tok
 # Answering, parsing and scoring
 # ---------------------------------------------------------------------------------------------
 
-#: Enough new tokens for a four-digit price, the end-of-text token and a little room to misbehave.
-ANSWER_MAX_NEW_TOKENS = 8
-
-
-@torch.no_grad()
-def generate_answers(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = ANSWER_MAX_NEW_TOKENS, batch_size: int = 32
-) -> list[str]:
-    """Greedy-decode a completion for each prompt and return only the new text (special tokens dropped).
-
-    Prompts are left-padded so every row's last real token sits at the end of the batch; the
-    tokenizer's padding side is restored afterwards.
-    """
-    if not prompts:
-        raise ValueError("No prompts given.")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}.")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad_token: batched generation needs one.")
-    was_training = model.training
-    model.eval()
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    completions: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
-            batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = previous_side
-        model.train(was_training)
-    return completions
-
-
 # The right format: digits right after "$", then the end of the answer or a line break.
 _ANSWER_PATTERN = re.compile(r"(\d+)(?:\s|$)")
 
@@ -362,3 +333,26 @@ def score_answers(completions: Sequence[str], true_prices: Sequence[int]) -> Pri
         mean_absolute_error_parsed=float(errors[right_format].mean()) if n_right else None,
         mean_true_price=float(truth.mean()),
     )
+
+
+#: Enough new tokens for a four-digit price, the end-of-text token and a little room to misbehave.
+ANSWER_MAX_NEW_TOKENS = 8
+
+
+def answer_prices(model, tokenizer, items: Sequence[PricerItem]) -> tuple[PricerScores, list[str]]:
+    """Greedy-decode an answer to every item's prompt and score it; return ``(scores, completions)``.
+
+    Decoding is :func:`helpers.quality.greedy_generate` (one prompt at a time, so padding cannot change
+    an answer) with room for a four-digit price, the end-of-text token and a little more.
+    """
+    from helpers.quality import greedy_generate
+
+    if not items:
+        raise ValueError("No items to answer.")
+    was_training = model.training
+    model.eval()  # dropout off: answers must repeat exactly
+    try:
+        completions = greedy_generate(model, tokenizer, [item.prompt for item in items], ANSWER_MAX_NEW_TOKENS)
+    finally:
+        model.train(was_training)
+    return score_answers(completions, [item.price for item in items]), completions

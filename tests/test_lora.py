@@ -14,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers.lora import (
     ATTENTION_MODULES,
-    LLAMA_LINEAR_MODULES,
     adapter_file_layout,
     llama_linear_shapes,
     lora_delta_weight,
@@ -22,6 +21,7 @@ from helpers.lora import (
     lora_param_count,
     summarize_adapter,
 )
+from helpers.memory import LINEAR_NAMES
 
 REFERENCE_DIR = Path("/work/shared/reference")
 
@@ -54,7 +54,7 @@ def peft_lora_count(config: LlamaConfig, lora_config: LoraConfig) -> int:
 def test_count_matches_peft_on_random_configs(seed):
     rng = random.Random(seed)
     config = random_tiny_config(rng)
-    targets = rng.sample(LLAMA_LINEAR_MODULES, rng.randint(1, len(LLAMA_LINEAR_MODULES)))
+    targets = rng.sample(LINEAR_NAMES, rng.randint(1, len(LINEAR_NAMES)))
     r = rng.choice([1, 2, 4, 8, 16])
     lora_config = LoraConfig(r=r, lora_alpha=rng.choice([1, 8, 16, 64]), target_modules=targets)
     assert lora_param_count(config, r, targets) == peft_lora_count(config, lora_config)
@@ -211,11 +211,10 @@ def test_bad_targets_are_rejected(targets, message):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}, "no 'intermediate_size'"),
-        ({"hidden_size": 60, "intermediate_size": 96, "num_attention_heads": 8, "num_hidden_layers": 1}, "not divisible"),
-        ({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 3,
-          "num_hidden_layers": 1}, "not a multiple"),
+        ({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}, "positive integer"),
         ({"hidden_size": -64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 1}, "positive integer"),
+        ({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4}, "num_hidden_layers"),
+        ({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 0}, "num_hidden_layers"),
     ],
 )
 def test_bad_configs_are_rejected(config, message):

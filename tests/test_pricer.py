@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from helpers import pricer
@@ -151,3 +152,22 @@ def test_training_encoding_masks_the_prompt(tokenizer):
     assert (batch["labels"][1] == pricer.IGNORE_INDEX).all()
     with pytest.raises(ValueError, match="empty"):
         pricer.collate_for_training([], 0)
+
+
+def test_answer_prices_scores_greedy_answers(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).train()  # an untrained model: its answers are noise
+    items = pricer.load_split("test")[:3]
+    scores, completions = pricer.answer_prices(model, tokenizer, items)
+    assert model.training  # the caller's mode is restored
+    assert len(completions) == 3
+    assert scores == score_answers(completions, [item.price for item in items])
+    again, _ = pricer.answer_prices(model, tokenizer, items)
+    assert again == scores  # greedy: the same answers every time
+    with pytest.raises(ValueError, match="No items"):
+        pricer.answer_prices(model, tokenizer, [])

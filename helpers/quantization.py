@@ -1,0 +1,511 @@
+"""LLM.int8 row-wise and NF4 block-wise quantization from scratch, byte for byte as bitsandbytes stores them.
+
+Everything here is plain vectorized PyTorch and never imports bitsandbytes (only the timing helper and the
+two ``*_storage_of`` readers touch bitsandbytes objects, and only ones you pass in). ``tests/test_quantization.py``
+checks every function against bitsandbytes 0.50.2 on CPU with ``torch.equal``.
+
+What bitsandbytes does, and therefore what these functions reproduce:
+
+- **LLM.int8** (``Linear8bitLt``) casts the weight to float16 first, takes each output row's absolute maximum
+  (``SCB``, stored as float32) and stores ``round(W16 * (127 / SCB))`` as int8 (``CB``), rounding half to even.
+  A row of zeros gets scale 0 and zeros.
+- **NF4** (``quantize_4bit``) flattens the weight (float16/bfloat16 are upcast to float32 exactly), cuts it into
+  blocks of ``blocksize`` values (the remainder is one last, shorter block), divides each block by its absolute
+  maximum and picks the NF4 level whose decision interval holds the value. Decision boundaries are the float32
+  midpoints between neighbouring levels; a value exactly on a midpoint goes to the *lower* level (toward -1).
+  Two 4-bit codes share a byte, the first in the high nibble; an odd count pads the last low nibble with the
+  code of 0.0 (7). Full blocks are scaled by ``x * (1 / absmax)``, the remainder block by ``x / absmax``; both
+  use ``max(absmax, 1e-38)``, and the remainder block also *stores* that clamped value, so a zero remainder
+  block reports absmax 1e-38 where a zero full block reports 0.
+- **Double quantization** (``compress_statistics=True``): ``offset = absmax.mean()``; ``absmax - offset`` is
+  quantized to 8 bits in blocks of 256 with bitsandbytes' signed dynamic map. The CPU kernel does that with a
+  65,536-entry lookup table over [-1, 1] rather than an exact nearest-level search, which we rebuild.
+- **Dequantization** is ``level[code] * absmax[block]`` in float32 over the same flat blocks. bitsandbytes
+  0.50.2's native CPU kernel instead assumes every row holds whole blocks (true for every Llama Linear); when a
+  block spans two rows it disagrees with its own quantizer, and ``dequantize_nf4`` follows the quantizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import NamedTuple, Sequence
+
+import torch
+
+SUPPORTED_4BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Blocksizes ``bitsandbytes.functional.quantize_4bit`` accepts."""
+
+SUPPORTED_NESTED_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+"""Blocksizes bitsandbytes documents for 8-bit blockwise quantization (the nested absmax uses 256)."""
+
+BNB_4BIT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Weight dtypes ``quantize_4bit`` accepts; anything else is rejected by bitsandbytes too."""
+
+NF4_PAPER_OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2
+"""Outermost quantile of NF4 in the QLoRA paper: halfway between 1 - 1/(2*15) and 1 - 1/(2*16)."""
+
+BNB_NF4_OFFSET = 0.9677083
+"""The same quantile as bitsandbytes writes it (``create_normal_map``): the paper's value cut to 7 decimals."""
+
+INT8_MAX = torch.iinfo(torch.int8).max  # 127: LLM.int8 maps each row's absmax to +-127
+BNB_MIN_ABSMAX = 1e-38  # bitsandbytes divides by max(absmax, 1e-38) so a block of zeros does not divide by 0
+DYNAMIC_MAP_LUT_SIZE = 2**16  # bitsandbytes' CPU 8-bit quantizer discretizes [-1, 1] into this many bins
+NF4_BITS = 4
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks shared by every entry point: say what is wrong and how to fix it.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight: torch.Tensor, allowed_dtypes: Sequence[torch.dtype] | None, what: str) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} needs a torch.Tensor, got {type(weight).__name__}; "
+                        "wrap the data with torch.tensor(...).")
+    if not weight.is_floating_point():
+        raise ValueError(f"{what} needs a floating-point weight, got dtype {weight.dtype}; "
+                         "convert it first, e.g. weight.float().")
+    if allowed_dtypes is not None and weight.dtype not in allowed_dtypes:
+        names = ", ".join(str(d) for d in allowed_dtypes)
+        raise ValueError(f"{what} accepts {names} (as bitsandbytes does), got {weight.dtype}; "
+                         "convert with weight.float() first.")
+    if weight.numel() == 0:
+        raise ValueError(f"{what} got an empty tensor (shape {tuple(weight.shape)}); pass a weight with at least "
+                         "one value.")
+    if weight.device.type != "cpu":
+        raise ValueError(f"{what} reproduces bitsandbytes' CPU path; move the weight with weight.cpu() first "
+                         f"(got device {weight.device}).")
+
+
+def _check_blocksize(blocksize: int, supported: Sequence[int], what: str) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in supported:
+        raise ValueError(f"{what}: blocksize {blocksize!r} is not one bitsandbytes supports; use one of "
+                         f"{', '.join(map(str, supported))}.")
+
+
+def _check_finite_scales(scales: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"{what}: the weight contains NaN or infinite values, which would make the scales "
+                         "meaningless; find and fix them (torch.isfinite(weight).all()) before quantizing.")
+
+
+def _number_of_blocks(numel: int, blocksize: int) -> int:
+    return -(-numel // blocksize)  # the remainder gets a block of its own
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lookup tables: NF4, FP4 and the dynamic 8-bit map, derived rather than typed in.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def nf4_levels(offset: float = NF4_PAPER_OFFSET, float32_probabilities: bool = False) -> torch.Tensor:
+    """The 16 NF4 levels, sorted, built from normal quantiles as in the QLoRA paper.
+
+    Eight positive levels are the normal quantiles at 8 evenly spaced probabilities from ``offset`` down to
+    (but excluding) 0.5; seven negative levels mirror the quantiles of 7 evenly spaced probabilities over the
+    same range; an exact zero completes the 16. Dividing by the largest level puts them in [-1, 1] with -1 and
+    1 both present (asymmetric: one more positive level, so zero is exact).
+
+    With the defaults (the paper's offset, probabilities in float64) the result differs from bitsandbytes'
+    table by at most a few float32 ulps. ``nf4_levels(BNB_NF4_OFFSET, float32_probabilities=True)`` follows
+    bitsandbytes' own recipe (its rounded offset, probabilities spaced in float32) and equals its table exactly.
+    """
+    probability_dtype = torch.float32 if float32_probabilities else torch.float64
+    positive_probabilities = torch.linspace(offset, 0.5, 9, dtype=probability_dtype)[:-1]
+    negative_probabilities = torch.linspace(offset, 0.5, 8, dtype=probability_dtype)[:-1]
+    quantiles = torch.cat([
+        torch.special.ndtri(positive_probabilities.double()),  # inverse normal CDF
+        torch.zeros(1, dtype=torch.float64),
+        -torch.special.ndtri(negative_probabilities.double()),
+    ]).sort().values
+    if float32_probabilities:  # bitsandbytes stores the quantiles in float32, then normalizes in float32
+        quantiles = quantiles.float()
+        return quantiles / quantiles.max()
+    return (quantiles / quantiles.max()).float()
+
+
+@functools.cache
+def _bnb_nf4_levels() -> torch.Tensor:
+    return nf4_levels(BNB_NF4_OFFSET, float32_probabilities=True)
+
+
+@functools.cache
+def _nf4_decision_boundaries() -> torch.Tensor:
+    """The 15 float32 midpoints between neighbouring NF4 levels: a value's code is how many lie below it."""
+    levels = _bnb_nf4_levels()
+    return (levels[:-1] + levels[1:]) / 2
+
+
+def nf4_decision_boundaries() -> torch.Tensor:
+    """The 15 float32 midpoints between neighbouring NF4 levels (bitsandbytes' table), where rounding flips."""
+    return _nf4_decision_boundaries().clone()
+
+
+def fp4_levels() -> torch.Tensor:
+    """The 16 FP4 values bitsandbytes decodes, indexed by the 4-bit code (not sorted), in [-1, 1].
+
+    bitsandbytes' FP4 is 1 sign bit, 2 exponent bits and 1 mantissa bit. Exponent field 0 is subnormal
+    (0 or 0.0625 before normalizing); fields 1, 2, 3 scale the mantissa ``1 + m/2`` by 8, 4 and 2 (bitsandbytes
+    orders its exponents from the top). The table is then divided by its largest magnitude, 12.
+    """
+    codes = torch.arange(2**NF4_BITS)
+    sign = torch.where(codes >= 8, -1.0, 1.0)
+    exponent_field = (codes >> 1) & 0b11
+    mantissa = (codes & 1).float()
+    normal = (1 + mantissa / 2) * torch.exp2(4 - exponent_field.float())
+    subnormal = mantissa * 2.0**-4
+    magnitude = torch.where(exponent_field == 0, subnormal, normal)
+    values = (sign * magnitude).float()
+    return values / values.abs().max()
+
+
+def dynamic_8bit_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (256 sorted values in [-0.993, 1]) used for the nested absmax.
+
+    Each of 7 decades 1e-6 .. 1 holds 2**k values (k = 0..6): the midpoints of 2**k + 1 evenly spaced points
+    between 0.1 and 1, times the decade, with both signs; then 0 and 1. Small magnitudes get few values, large
+    ones many: relative precision stays roughly constant.
+    """
+    exponent_levels = 7
+    parts = []
+    for level in range(exponent_levels):  # 7 decades, not a loop over tensor elements
+        edges = torch.linspace(0.1, 1, 2**level + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        magnitudes = (10 ** (level - (exponent_levels - 1))) * midpoints
+        parts += [magnitudes, -magnitudes]
+    parts.append(torch.tensor([0.0, 1.0]))
+    return torch.cat(parts).sort().values
+
+
+@functools.cache
+def _dynamic_map_and_lookup() -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic map and bitsandbytes' CPU lookup table: for each of 65,536 grid points on [-1, 1], the code
+    of the first level whose upper midpoint is not below it."""
+    code = dynamic_8bit_map()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(DYNAMIC_MAP_LUT_SIZE, dtype=torch.float32)) / (DYNAMIC_MAP_LUT_SIZE - 1)
+    lookup = torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)
+    return code, lookup
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLM.int8: one float32 scale per output row.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D Linear weight (out_features, in_features) as LLM.int8 stores it.
+
+    Returns ``(values, scales)``: int8 values of the weight's shape (``Linear8bitLt.weight.CB``) and one float32
+    scale per row (``weight.SCB``), the row's absolute maximum *of the float16 copy* bitsandbytes quantizes.
+    """
+    _check_weight(weight, None, "quantize_int8_rowwise")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_int8_rowwise needs a 2-D (out_features, in_features) weight with one scale per "
+                         f"row, got shape {tuple(weight.shape)}; for a single row use weight.reshape(1, -1).")
+    weight16 = weight.detach().to(torch.float16)  # bitsandbytes quantizes a float16 copy
+    if not bool(torch.isfinite(weight16).all()):
+        raise ValueError("quantize_int8_rowwise: the weight has NaN/inf values or values beyond float16's range "
+                         f"(+-{FLOAT16_MAX:g}), which bitsandbytes' float16 copy would turn into inf; "
+                         "fix or rescale the weight first.")
+    scales = weight16.abs().amax(dim=1).float()
+    safe_scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a zero row stays zero
+    values = torch.round(weight16 * (INT8_MAX / safe_scales).unsqueeze(1)).to(torch.int8)
+    return values, scales
+
+
+def dequantize_int8_rowwise(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rebuild the float32 weight from int8 values and per-row scales: ``values * scale / 127``.
+
+    Equals ``bitsandbytes.functional.int8_vectorwise_dequant(values, scales)`` (which multiplies by 1/127).
+    """
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8 or values.dim() != 2:
+        raise ValueError("dequantize_int8_rowwise needs the 2-D int8 values from quantize_int8_rowwise (or "
+                         f"Linear8bitLt's CB), got {getattr(values, 'dtype', type(values).__name__)} with shape "
+                         f"{tuple(getattr(values, 'shape', ()))}.")
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.shape != values.shape[:1]:
+        raise ValueError(f"dequantize_int8_rowwise needs one float32 scale per row ({values.shape[0]}), got "
+                         f"{getattr(scales, 'dtype', type(scales).__name__)} with shape "
+                         f"{tuple(getattr(scales, 'shape', ()))}; pass the scales returned with the values (SCB).")
+    return values * scales.view(-1, 1) * (1 / INT8_MAX)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NF4: 4-bit codes in blocks, two codes per byte, one float32 absmax per block.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight of any shape to NF4 exactly as ``bitsandbytes.functional.quantize_4bit`` does.
+
+    Returns ``(packed, absmax)``: a 1-D uint8 tensor of ceil(numel / 2) bytes (bitsandbytes' packed tensor,
+    flattened) and a 1-D float32 tensor with one absolute maximum per block (``quant_state.absmax`` without
+    double quantization). float16 and bfloat16 weights are upcast to float32 first, as bitsandbytes does.
+    """
+    _check_weight(weight, BNB_4BIT_INPUT_DTYPES, "quantize_nf4")
+    _check_blocksize(blocksize, SUPPORTED_4BIT_BLOCKSIZES, "quantize_nf4")
+    flat = weight.detach().reshape(-1).float()
+    numel = flat.numel()
+    full_blocks, remainder = divmod(numel, blocksize)
+    full = full_blocks * blocksize
+    boundaries = _nf4_decision_boundaries()
+
+    absmax = torch.empty(full_blocks + (remainder > 0), dtype=torch.float32)
+    codes = torch.empty(numel + numel % 2, dtype=torch.int32)  # one spare slot pads an odd count to whole bytes
+    if full_blocks:
+        blocks = flat[:full].view(full_blocks, blocksize)
+        torch.amax(blocks.abs(), dim=1, out=absmax[:full_blocks])
+        inverse = 1.0 / absmax[:full_blocks].clamp(min=BNB_MIN_ABSMAX)
+        # bucketize with right=False counts boundaries strictly below x: a tie lands on the lower level
+        torch.bucketize(blocks * inverse.unsqueeze(1), boundaries, out_int32=True,
+                        out=codes[:full].view(full_blocks, blocksize))
+    if remainder:
+        tail = flat[full:]
+        absmax[-1] = tail.abs().max().clamp(min=BNB_MIN_ABSMAX)  # stored clamped, unlike full blocks
+        torch.bucketize(tail / absmax[-1], boundaries, out_int32=True, out=codes[full:numel])
+    _check_finite_scales(absmax, "quantize_nf4")
+    if numel % 2:
+        codes[numel] = int((boundaries < 0).sum())  # the code of 0.0, which bitsandbytes pads with
+    pairs = codes.to(torch.uint8).view(-1, 2)  # narrow first: packing then touches a quarter of the bytes
+    packed = (pairs[:, 0] << NF4_BITS) | pairs[:, 1]  # first code in the high nibble
+    return packed, absmax
+
+
+def unpack_nf4_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 4-bit codes (0..15, uint8) held in ``packed``, high nibble first, the padding nibble dropped."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError("unpack_nf4_codes needs the uint8 packed tensor from quantize_nf4 (or a Linear4bit's "
+                         f"weight.data), got {getattr(packed, 'dtype', type(packed).__name__)}.")
+    if packed.numel() != _number_of_blocks(numel, 2) or numel <= 0:
+        raise ValueError(f"{packed.numel()} packed bytes hold {2 * packed.numel() - 1} or {2 * packed.numel()} "
+                         f"codes, not {numel}; pass the shape the weight had when it was quantized.")
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> NF4_BITS, flat & 0xF], dim=1).reshape(-1)
+    return codes[:numel]
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: Sequence[int],
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rebuild a weight of ``shape`` from NF4 bytes and per-block absmax: ``level[code] * absmax[block]``.
+
+    The product is formed in float32 and cast to ``dtype`` last, which is what ``bitsandbytes.functional.
+    dequantize_4bit`` returns for a state whose dtype is ``dtype``. ``packed`` may keep bitsandbytes' (n, 1) shape.
+    (When ``shape[-1]`` is not a multiple of ``blocksize``, bitsandbytes 0.50.2's native CPU kernel reads the
+    wrong absmax for blocks that span rows; this function matches its pure-PyTorch reference path there.)
+    """
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError("dequantize_nf4 needs the uint8 packed tensor from quantize_nf4 (or a Linear4bit's "
+                         "weight.data before its first CPU forward), got "
+                         f"{getattr(packed, 'dtype', type(packed).__name__)}.")
+    _check_blocksize(blocksize, SUPPORTED_4BIT_BLOCKSIZES, "dequantize_nf4")
+    if dtype not in BNB_4BIT_INPUT_DTYPES:
+        raise ValueError(f"dequantize_nf4 returns float32, float16 or bfloat16, got dtype={dtype}.")
+    try:
+        shape = torch.Size(shape)
+    except TypeError as error:
+        raise ValueError(f"dequantize_nf4 needs shape as a sequence of ints, got {shape!r}.") from error
+    numel = shape.numel()
+    if numel == 0 or _number_of_blocks(numel, 2) != packed.numel():
+        raise ValueError(f"shape {tuple(shape)} has {numel} values, which need {_number_of_blocks(numel, 2)} packed "
+                         f"bytes, but packed has {packed.numel()}; pass the shape the weight had when it was "
+                         "quantized.")
+    blocks = _number_of_blocks(numel, blocksize)
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.shape != (blocks,):
+        raise ValueError(f"dequantize_nf4 needs a 1-D float32 absmax with one value per block ({blocks} blocks of "
+                         f"{blocksize} for {numel} values), got {getattr(absmax, 'dtype', type(absmax).__name__)} "
+                         f"with shape {tuple(getattr(absmax, 'shape', ()))}; if it is double-quantized, rebuild it "
+                         "with dequantize_absmax first, and check the blocksize.")
+    codes = torch.zeros(blocks * blocksize, dtype=torch.uint8)  # padded to whole blocks, trimmed below
+    codes[:numel] = unpack_nf4_codes(packed, numel)
+    values = _bnb_nf4_levels()[codes.long()].view(blocks, blocksize) * absmax.unsqueeze(1)
+    return values.reshape(-1)[:numel].reshape(shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Double quantization: the float32 absmax itself stored in 8 bits.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DoubleQuantizedAbsmax(NamedTuple):
+    """The nested state of double quantization, named after where bitsandbytes keeps each piece."""
+
+    codes: torch.Tensor  # uint8, one per 4-bit block: quant_state.absmax
+    scales: torch.Tensor  # float32, one per block of `blocksize` codes: quant_state.state2.absmax
+    offset: torch.Tensor  # float32 scalar, the mean subtracted first: quant_state.offset
+
+
+def double_quantize_absmax(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantizedAbsmax:
+    """Store per-block absmax in 8 bits as ``quantize_4bit(..., compress_statistics=True)`` does on CPU.
+
+    The mean is subtracted (absmax values are all positive, centring them doubles the resolution), then blocks
+    of ``blocksize`` are scaled by their own absolute maximum and mapped to the dynamic 8-bit map through
+    bitsandbytes' 65,536-point lookup table (a block of zeros gets code 0).
+    """
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
+        raise ValueError("double_quantize_absmax needs the 1-D float32 absmax from quantize_nf4, got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} with shape "
+                         f"{tuple(getattr(absmax, 'shape', ()))}.")
+    if absmax.numel() == 0:
+        raise ValueError("double_quantize_absmax got an empty absmax; quantize a non-empty weight first.")
+    _check_blocksize(blocksize, SUPPORTED_NESTED_BLOCKSIZES, "double_quantize_absmax")
+    _check_finite_scales(absmax, "double_quantize_absmax")
+    _, lookup = _dynamic_map_and_lookup()
+    offset = absmax.mean()
+    centred = absmax - offset
+    count = centred.numel()
+    blocks = _number_of_blocks(count, blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32)  # zero padding changes no block's max |x|
+    padded[:count] = centred
+    padded = padded.view(blocks, blocksize)
+    scales = padded.abs().amax(dim=1)
+    inverse = 1.0 / torch.where(scales == 0, torch.ones_like(scales), scales)
+    normalized = (padded * inverse.unsqueeze(1)).clamp(-1.0, 1.0)
+    grid_index = ((normalized + 1.0) * 0.5 * (DYNAMIC_MAP_LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation
+    codes = torch.where(scales.unsqueeze(1) == 0, 0, lookup[grid_index].long()).to(torch.uint8)
+    return DoubleQuantizedAbsmax(codes.reshape(-1)[:count], scales, offset)
+
+
+def dequantize_absmax(
+    codes: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | float, blocksize: int = 256
+) -> torch.Tensor:
+    """Rebuild the float32 absmax from its double-quantized state: ``map[code] * scale[block] + offset``."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() == 0:
+        raise ValueError("dequantize_absmax needs the 1-D uint8 codes (quant_state.absmax of a double-quantized "
+                         f"state), got {getattr(codes, 'dtype', type(codes).__name__)} with shape "
+                         f"{tuple(getattr(codes, 'shape', ()))}.")
+    _check_blocksize(blocksize, SUPPORTED_NESTED_BLOCKSIZES, "dequantize_absmax")
+    blocks = _number_of_blocks(codes.numel(), blocksize)
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.shape != (blocks,):
+        raise ValueError(f"dequantize_absmax needs {blocks} float32 scales (one per {blocksize} codes; "
+                         "quant_state.state2.absmax), got "
+                         f"{getattr(scales, 'dtype', type(scales).__name__)} with shape "
+                         f"{tuple(getattr(scales, 'shape', ()))}; check the blocksize.")
+    offset = torch.as_tensor(offset, dtype=torch.float32)
+    if offset.numel() != 1:
+        raise ValueError(f"dequantize_absmax needs one offset (quant_state.offset), got {offset.numel()} values.")
+    code, _ = _dynamic_map_and_lookup()
+    padded = torch.zeros(blocks * blocksize, dtype=torch.long)
+    padded[: codes.numel()] = codes.long()
+    values = (code[padded].view(blocks, blocksize) * scales.unsqueeze(1)).reshape(-1)[: codes.numel()]
+    return values + offset.reshape(())
+
+
+def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, blocksize2: int = 256) -> float:
+    """Storage bits per weight of NF4: the 4-bit code plus each block's share of its scale.
+
+    Without double quantization every block of ``blocksize`` codes carries a float32 absmax; with it, an 8-bit
+    code per block plus a float32 scale per ``blocksize2`` blocks. Per-tensor constants (the offset, the code
+    tables) do not grow with the weight and are left out.
+    """
+    _check_blocksize(blocksize, SUPPORTED_4BIT_BLOCKSIZES, "bits_per_parameter")
+    if double_quant:
+        _check_blocksize(blocksize2, SUPPORTED_NESTED_BLOCKSIZES, "bits_per_parameter (blocksize2)")
+    code_bits = math.log2(_bnb_nf4_levels().numel())
+    float32_bits = torch.finfo(torch.float32).bits
+    if not double_quant:
+        return code_bits + float32_bits / blocksize
+    nested_code_bits = math.log2(dynamic_8bit_map().numel())
+    return code_bits + nested_code_bits / blocksize + float32_bits / (blocksize * blocksize2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading what bitsandbytes stored, and timing against it.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class StoredNF4(NamedTuple):
+    """A Linear4bit's weight as bitsandbytes stores it before any forward pass."""
+
+    packed: torch.Tensor  # 1-D uint8, two codes per byte
+    absmax: torch.Tensor  # 1-D float32 per block (rebuilt from the nested state when double-quantized)
+    shape: torch.Size
+    blocksize: int
+    quant_type: str
+    nested: DoubleQuantizedAbsmax | None  # the 8-bit absmax state, or None without double quantization
+
+
+def nf4_storage_of(module: torch.nn.Module) -> StoredNF4:
+    """Read the bytes and scales a bitsandbytes ``Linear4bit`` holds, in the layout ``quantize_nf4`` returns.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks the weight at the first inference forward (another byte
+    order, absmax undone from double quantization, transposed and cast to bfloat16): read the storage before
+    running the model, or from a freshly loaded copy.
+    """
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise ValueError(f"{type(module).__name__} has no 4-bit quant_state: pass a bitsandbytes Linear4bit that "
+                         "has been quantized (moved to its device or loaded with a 4-bit BitsAndBytesConfig).")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError("this Linear4bit was repacked for bitsandbytes' CPU kernel by a forward pass; read its "
+                         "storage before running the model, or load a fresh copy.")
+    nested = None
+    absmax = state.absmax
+    if state.nested:
+        nested = DoubleQuantizedAbsmax(state.absmax.reshape(-1), state.state2.absmax, state.offset)
+        absmax = dequantize_absmax(*nested, blocksize=state.state2.blocksize)
+    return StoredNF4(weight.data.reshape(-1).view(torch.uint8), absmax, torch.Size(state.shape), state.blocksize,
+                     state.quant_type, nested)
+
+
+def int8_storage_of(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, scales)`` a bitsandbytes ``Linear8bitLt`` holds: int8 ``CB`` and float32 ``SCB``.
+
+    Before the first forward they sit on ``module.weight``; the first forward moves them to ``module.state``
+    (``weight.CB``/``weight.SCB`` become None, ``weight.data`` stays the int8 values). Both places are read.
+    """
+    for holder in (getattr(module, "weight", None), getattr(module, "state", None)):
+        values, scales = getattr(holder, "CB", None), getattr(holder, "SCB", None)
+        if isinstance(values, torch.Tensor) and isinstance(scales, torch.Tensor):
+            return values, scales
+    raise ValueError(f"{type(module).__name__} holds no int8 CB/SCB: pass a bitsandbytes Linear8bitLt loaded "
+                     "with has_fp16_weights=False (a BitsAndBytesConfig(load_in_8bit=True) load does that).")
+
+
+class QuantizeTiming(NamedTuple):
+    """Best-of-``repeats`` wall-clock seconds of both quantizers on the same weight."""
+
+    from_scratch_seconds: float
+    bitsandbytes_seconds: float
+    ratio: float  # from scratch / bitsandbytes: below 1 means ours is faster
+    identical: bool  # same bytes and same absmax
+
+
+def time_against_bitsandbytes(weight: torch.Tensor, blocksize: int = 64, repeats: int = 5) -> QuantizeTiming:
+    """Time ``quantize_nf4`` and bitsandbytes' ``quantize_4bit`` side by side, alternating, keeping the minimum.
+
+    Alternating the two and keeping each one's fastest run cancels most of the noise of a busy machine.
+    """
+    import bitsandbytes.functional as bnb_functional  # only here: the rest of the module never needs it
+
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}.")
+    _check_weight(weight, BNB_4BIT_INPUT_DTYPES, "time_against_bitsandbytes")
+    _check_blocksize(blocksize, SUPPORTED_4BIT_BLOCKSIZES, "time_against_bitsandbytes")
+
+    def run_bitsandbytes():
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
+                                                     compress_statistics=False)
+        return packed, state.absmax
+
+    def run_from_scratch():
+        return quantize_nf4(weight, blocksize)
+
+    ours, theirs = run_from_scratch(), run_bitsandbytes()  # warm-up, and the equality check
+    identical = torch.equal(ours[0], theirs[0].reshape(-1)) and torch.equal(ours[1], theirs[1])
+    best = {run_from_scratch: math.inf, run_bitsandbytes: math.inf}
+    for _ in range(repeats):
+        for run in best:
+            start = time.perf_counter()
+            run()
+            best[run] = min(best[run], time.perf_counter() - start)
+    return QuantizeTiming(best[run_from_scratch], best[run_bitsandbytes],
+                          best[run_from_scratch] / best[run_bitsandbytes], identical)

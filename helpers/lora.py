@@ -11,7 +11,10 @@ Everything here reads dimensions from a config or a model, never from typed numb
 - :func:`summarize_adapter`: what an attached adapter really holds, counted by parameter name (an
   adapter loaded with ``PeftModel.from_pretrained`` is frozen, so "trainable" counts say 0);
 - :func:`lora_delta_weight`: ``scaling * B @ A`` for one adapted Linear;
-- :func:`adapter_file_layout`: the tensor bytes and header bytes of ``adapter_model.safetensors``.
+- :func:`adapter_file_layout`: the tensor bytes and header bytes of ``adapter_model.safetensors``;
+- :func:`local_adapter_folder`: where an adapter's files are (a local folder, or its Hub snapshot);
+- :func:`finetuning_memory`: weights, gradients and AdamW states of full fine-tuning, LoRA and QLoRA,
+  from a config alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from types import SimpleNamespace
 import torch
 from peft.tuners.lora.layer import LoraLayer
 
-from helpers.memory import LINEAR_NAMES, linear_shapes
+from helpers.memory import LINEAR_NAMES, estimate_footprint, linear_shapes, parameter_counts_from_config
 
 ATTENTION_MODULES: tuple[str, ...] = LINEAR_NAMES[:4]  # q_proj, k_proj, v_proj, o_proj
 MLP_MODULES: tuple[str, ...] = LINEAR_NAMES[4:]  # gate_proj, up_proj, down_proj
@@ -361,3 +364,107 @@ def adapter_file_layout(path: str | Path) -> SafetensorsLayout:
         num_params=sum(math.prod(shape) for _, shape in tensors.values()),
         tensors=tensors,
     )
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def local_adapter_folder(adapter_id: str | Path) -> Path:
+    """Return the folder that holds an adapter's ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    ``adapter_id`` is either a local folder (the shipped ``data/pricer-adapter``) or a Hub repository id
+    (``owner/name``); for a repository the two files are fetched once into the Hugging Face cache, and the
+    cached snapshot folder is returned, so the file itself can be inspected (e.g. by ``adapter_file_layout``).
+    """
+    if not isinstance(adapter_id, (str, Path)) or not str(adapter_id).strip():
+        raise ValueError(f"adapter_id must be a folder path or a Hub repository id such as 'owner/name', got {adapter_id!r}.")
+    folder = Path(adapter_id)
+    if folder.is_dir():
+        missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"The adapter folder {folder} lacks {', '.join(missing)}: is it a peft LoRA adapter "
+                                    "saved with save_pretrained?")
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(adapter_id), allow_patterns=list(ADAPTER_FILES)))
+    except Exception as error:  # huggingface_hub raises several types (offline, unknown repo, gated)
+        raise FileNotFoundError(
+            f"{adapter_id!r} is not a local folder, and its Hub repository could not be read "
+            f"({type(error).__name__}). Check the path, or unset HF_HUB_OFFLINE to download it."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of fine-tuning: weights, gradients and optimizer states
+# ---------------------------------------------------------------------------------------------
+
+FINETUNING_METHODS: tuple[str, ...] = ("full", "lora", "qlora")
+LORA_WEIGHT_DTYPE = torch.float32  # peft keeps adapter weights in float32 even on a 16-bit or 4-bit base
+ADAMW_STATES_PER_PARAMETER = 2  # exp_avg and exp_avg_sq, each in the parameter's dtype
+
+
+@dataclass(frozen=True)
+class FinetuningMemory:
+    """Bytes a fine-tuning method keeps while training, activations excluded (they depend on batch and length).
+
+    AdamW's per-tensor step counters (one scalar per trainable tensor) are left out: a few bytes.
+    """
+
+    method: str
+    base_description: str
+    trainable_params: int
+    weights: int  # every stored weight: the frozen (maybe quantized) base and the trainable parameters
+    gradients: int  # one gradient per trainable parameter
+    optimizer_states: int  # AdamW's two moments per trainable parameter
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states
+
+
+def _float_scheme(dtype: torch.dtype) -> str:
+    schemes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in schemes:
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}.")
+    return schemes[dtype]
+
+
+def finetuning_memory(config, r: int, target_modules: Sequence[str], lora_base_dtype: torch.dtype = torch.bfloat16,
+                      qlora_other_dtype: torch.dtype = torch.float32) -> dict[str, FinetuningMemory]:
+    """Training memory of full fine-tuning, LoRA and QLoRA for a Llama config, computed from the config alone.
+
+    - ``"full"``: every parameter trains, in float32: weights, gradients and AdamW's two moments take
+      4 bytes each per parameter.
+    - ``"lora"``: the base is frozen in ``lora_base_dtype`` (bfloat16 by default); only the LoRA matrices
+      (float32) have gradients and optimizer states.
+    - ``"qlora"``: the base's decoder Linear weights are 4-bit NF4 with double quantization (constants
+      included); everything else of the base is in ``qlora_other_dtype``, float32 by default because
+      ``peft.prepare_model_for_kbit_training`` upcasts it; the LoRA matrices train as in ``"lora"``.
+
+    Weights come from :func:`helpers.memory.estimate_footprint` (exact to the byte for a loaded model)
+    plus the LoRA matrices from :func:`lora_param_count`.
+    """
+    config = _as_attributes(config)  # a parsed config.json may lack optional keys such as head_dim
+    lora_params = lora_param_count(config, r, target_modules)  # validates r and target_modules
+    lora_element = LORA_WEIGHT_DTYPE.itemsize
+    full_params = sum(parameter_counts_from_config(config).values())
+    lora_base = estimate_footprint(config, _float_scheme(lora_base_dtype))
+    _float_scheme(qlora_other_dtype)  # validate: the non-quantized modules are one of the float dtypes
+    qlora_base = estimate_footprint(config, "nf4-dq", qlora_other_dtype)
+    full_element = torch.float32.itemsize
+    base_name, other_name = (str(dtype).removeprefix("torch.") for dtype in (lora_base_dtype, qlora_other_dtype))
+
+    def adapter_method(method: str, base_true_bytes: int, description: str) -> FinetuningMemory:
+        return FinetuningMemory(method, description, lora_params, base_true_bytes + lora_params * lora_element,
+                                lora_params * lora_element, ADAMW_STATES_PER_PARAMETER * lora_params * lora_element)
+
+    return {
+        "full": FinetuningMemory("full", "float32, every parameter trains", full_params,
+                                 estimate_footprint(config, "fp32").true, full_params * full_element,
+                                 ADAMW_STATES_PER_PARAMETER * full_params * full_element),
+        "lora": adapter_method("lora", lora_base.true, f"frozen {base_name} base + float32 LoRA"),
+        "qlora": adapter_method("qlora", qlora_base.true,
+                                f"frozen NF4 (double quant) base, rest {other_name} + float32 LoRA"),
+    }

@@ -15,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from helpers.lora import (
     ATTENTION_MODULES,
     adapter_file_layout,
+    finetuning_memory,
     llama_linear_shapes,
+    local_adapter_folder,
     lora_delta_weight,
     lora_param_breakdown,
     lora_param_count,
@@ -244,3 +246,112 @@ def test_dora_is_rejected():
     dora = get_peft_model(LlamaForCausalLM(TINY), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         lora_delta_weight(dora.base_model.model.model.layers[0].self_attn.q_proj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where an adapter's files are
+# ---------------------------------------------------------------------------------------------
+
+
+def test_local_adapter_folder_returns_a_saved_adapter(tmp_path):
+    tiny_peft_model().save_pretrained(tmp_path)
+    assert local_adapter_folder(tmp_path) == tmp_path
+    assert local_adapter_folder(str(tmp_path)) == tmp_path
+
+
+def test_local_adapter_folder_rejects_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lacks adapter_config.json, adapter_model.safetensors"):
+        local_adapter_folder(tmp_path)  # an empty folder
+    with pytest.raises(FileNotFoundError, match="unset HF_HUB_OFFLINE"):
+        local_adapter_folder("no-such-owner/no-such-adapter")  # offline (conftest): never asks the Hub
+    for bad in ("", "  ", None, 3):
+        with pytest.raises(ValueError, match="adapter_id must be"):
+            local_adapter_folder(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning memory, against what torch and peft really allocate
+# ---------------------------------------------------------------------------------------------
+
+# Every Linear's out_features is a multiple of 32, as bitsandbytes' CPU 4-bit kernel requires.
+TRAINABLE = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TRAIN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def one_adamw_step(model) -> tuple[int, int]:
+    """Run one training step; return (gradient bytes, AdamW moment bytes) of the trainable parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    input_ids = torch.arange(12).reshape(2, 6) % TRAINABLE.vocab_size
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in trainable)
+    moments = sum(state[key].numel() * state[key].element_size()
+                  for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq"))
+    return gradients, moments
+
+
+def test_finetuning_memory_of_full_finetuning_matches_torch():
+    from helpers.memory import true_footprint
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TRAINABLE)
+    expected = finetuning_memory(TRAINABLE, 4, TRAIN_TARGETS)["full"]
+    assert expected.trainable_params == sum(p.numel() for p in model.parameters())
+    assert expected.weights == true_footprint(model)
+    assert one_adamw_step(model) == (expected.gradients, expected.optimizer_states)
+    assert expected.total == expected.weights + expected.gradients + expected.optimizer_states
+
+
+def test_finetuning_memory_of_lora_matches_peft():
+    from helpers.memory import true_footprint
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM._from_config(TRAINABLE, dtype=torch.bfloat16)  # as loading does: rotary buffers stay float32
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TRAIN_TARGETS))
+    expected = finetuning_memory(TRAINABLE, 4, TRAIN_TARGETS)["lora"]
+    assert expected.trainable_params == model.get_nb_trainable_parameters()[0]
+    assert expected.weights == true_footprint(model)
+    assert one_adamw_step(model) == (expected.gradients, expected.optimizer_states)
+
+
+def test_finetuning_memory_of_qlora_matches_bitsandbytes_and_peft(tmp_path):
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from helpers.memory import true_footprint
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(TRAINABLE).to(torch.bfloat16).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)  # upcasts the rest to float32
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TRAIN_TARGETS))
+    expected = finetuning_memory(TRAINABLE, 4, TRAIN_TARGETS)["qlora"]
+    assert expected.weights == true_footprint(model)  # before the first forward pass re-lays the CPU weights
+    assert one_adamw_step(model) == (expected.gradients, expected.optimizer_states)
+
+
+def test_finetuning_memory_orders_and_scales_on_llama_3_1_8b():
+    config = json.loads((REFERENCE_DIR / "llama-3.1-8b.config.json").read_text())
+    by_method = finetuning_memory(config, 32, ATTENTION_MODULES)
+    assert list(by_method) == ["full", "lora", "qlora"]
+    full, lora_, qlora = by_method.values()
+    assert full.trainable_params == 8_030_261_248  # Llama-3.1-8B's parameters, as notebook 01 counts them
+    assert (full.gradients, full.optimizer_states) == (4 * 8_030_261_248, 8 * 8_030_261_248)  # float32, two moments
+    assert lora_.trainable_params == qlora.trainable_params == 27_262_976
+    assert full.total > lora_.total > qlora.total
+    assert lora_.gradients == qlora.gradients == 4 * 27_262_976
+
+
+def test_finetuning_memory_rejects_bad_input():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        finetuning_memory(TRAINABLE, 0, ["q_proj"])
+    with pytest.raises(ValueError, match="Unknown target module"):
+        finetuning_memory(TRAINABLE, 4, ["lm_head"])
+    with pytest.raises(ValueError, match="dtype must be"):
+        finetuning_memory(TRAINABLE, 4, ["q_proj"], lora_base_dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype must be"):
+        finetuning_memory(TRAINABLE, 4, ["q_proj"], qlora_other_dtype=torch.float64)

@@ -43,3 +43,15 @@ rebuild-adapter: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU lane (issue: verified on a T4-class runner). Uses the Python whose CUDA torch the runner provides;
+# `make gpu-setup` installs the pinned requirements into it without replacing torch.
+GPU_PYTHON ?= python3
+PROFILE ?=
+.PHONY: gpu-setup gpu-test
+gpu-setup:
+	$(GPU_PYTHON) -c "from helpers.environment import requirements_without_torch as r; print('\n'.join(r('requirements.txt')))" \
+	  | $(GPU_PYTHON) -m pip install --quiet -r /dev/stdin
+
+gpu-test:
+	HF_HUB_OFFLINE=0 $(GPU_PYTHON) -m helpers.runner gpu-test $(if $(PROFILE),--profile $(PROFILE))

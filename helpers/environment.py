@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -106,14 +107,20 @@ def print_versions() -> None:
     print(f"{'colab':>13}: {in_colab()}   hub offline: {hub_offline()}")
 
 
+def requirements_without_torch(requirements: str | Path) -> list[str]:
+    """The pinned requirements minus torch, for machines whose CUDA build of torch must stay (Colab, GPU runners)."""
+    lines = Path(requirements).read_text().splitlines()
+    return [line.strip() for line in lines
+            if line.strip() and not line.lstrip().startswith("#")
+            and re.split(r"[=<>!~\[ ;]", line.strip(), maxsplit=1)[0].lower() != "torch"]
+
+
 def install_on_colab(repo_root: Path) -> None:
     """On Colab, install the pinned requirements except torch (Colab's CUDA build must stay). Elsewhere: nothing."""
     if not in_colab():
         return
-    requirements = Path(repo_root) / "requirements.txt"
-    without_torch = [line for line in requirements.read_text().splitlines()
-                     if line.strip() and not line.lstrip().startswith(("#", "torch=", "torch>", "torch<", "torch "))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *without_torch], check=True)
+    packages = requirements_without_torch(Path(repo_root) / "requirements.txt")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *packages], check=True)
 
 
 _KNOWN_NOISE = {

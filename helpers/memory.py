@@ -335,3 +335,93 @@ def format_bytes(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{n:,} B"
+
+
+# --- memory plans: what a notebook will need, checked before anything is loaded --------------------------
+
+NOTEBOOK_SCHEMES: dict[str, tuple[str, ...]] = {
+    "01_full_precision": ("fp32",),
+    "02_int8": ("fp32", "int8"),
+    "03_nf4": ("fp32", "bf16", "int8", "fp4", "nf4", "nf4-dq"),
+    "04_lora_adapters": ("nf4-dq", "fp32"),
+    "05_weight_packing": ("nf4-dq",),
+    "06_qlora_finetune": ("nf4-dq",),
+}
+"""The models each notebook loads, one at a time (each is released before the next)."""
+
+EVAL_BATCH_WINDOWS = 2  # windows scored at once by quality.evaluate: with a 128k vocabulary the logits dominate
+EVAL_WINDOW_TOKENS = 256
+EVAL_BATCH_TOKENS = EVAL_BATCH_WINDOWS * EVAL_WINDOW_TOKENS
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace, roughly, on a T4 (not model-dependent)
+MAX_SHARD_BYTES = 5 * 10**9  # Meta's Llama checkpoints are stored in shards of at most 5 GB
+
+
+@dataclass(frozen=True)
+class MemoryLimits:
+    gpu_bytes: int | None  # None: no GPU, everything on the CPU
+    cpu_bytes: int
+
+
+T4_LIMITS = MemoryLimits(gpu_bytes=15 * 10**9, cpu_bytes=12 * 10**9)
+"""A Colab T4: about 15 GB of GPU memory and 12 GB of system RAM."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    notebook: str
+    largest_scheme: str
+    gpu_peak: int | None  # bytes, None when the profile runs on the CPU
+    cpu_peak: int
+    limits: MemoryLimits
+
+    @property
+    def fits(self) -> bool:
+        gpu_ok = self.gpu_peak is None or (self.limits.gpu_bytes is not None and self.gpu_peak <= self.limits.gpu_bytes)
+        return gpu_ok and self.cpu_peak <= self.limits.cpu_bytes
+
+
+def activation_bytes(config, dtype: torch.dtype, training: bool = False) -> int:
+    """Peak activation memory of scoring one evaluation batch: dominated by the logits (model dtype + a
+    float32 copy for the loss); training also keeps the logits' gradient."""
+    vocab = _config_get(config, "vocab_size")
+    element = torch.empty((), dtype=dtype).element_size()
+    logits = EVAL_BATCH_TOKENS * vocab * (element + 4)
+    return logits * (2 if training else 1)
+
+
+def plan_notebook(notebook: str, config, on_gpu: bool, limits: MemoryLimits,
+                  dtypes: dict[str, torch.dtype] | None = None) -> MemoryPlan:
+    """Peak GPU and CPU memory a notebook needs for a model config, from the estimator (pure).
+
+    ``dtypes`` maps a scheme to the dtype of its non-quantized modules (``from_pretrained_kwargs`` decides
+    it); by default float16 for int8 and bfloat16 for 4-bit. On a GPU the CPU holds at most one checkpoint
+    shard while loading; on the CPU the model, its activations and the checkpoint file all live in RAM.
+    """
+    if notebook not in NOTEBOOK_SCHEMES:
+        raise ValueError(f"Unknown notebook {notebook!r}. Known: {', '.join(NOTEBOOK_SCHEMES)}.")
+    dtypes = {"int8": torch.float16, "nf4": torch.bfloat16, "nf4-dq": torch.bfloat16, "fp4": torch.bfloat16,
+              **(dtypes or {})}
+    checkpoint = estimate_footprint(config, "bf16").reported  # Meta stores Llama in bfloat16
+    training = notebook == "06_qlora_finetune"
+    peaks = {}
+    for scheme in NOTEBOOK_SCHEMES[notebook]:
+        dtype = FLOAT_SCHEMES.get(scheme) or dtypes[scheme]
+        estimate = estimate_footprint(config, scheme, None if scheme in FLOAT_SCHEMES else dtype)
+        peaks[scheme] = estimate.true + activation_bytes(config, dtype, training)
+    largest = max(peaks, key=peaks.get)
+    if on_gpu:
+        return MemoryPlan(notebook, largest, peaks[largest] + CUDA_CONTEXT_BYTES, min(checkpoint, MAX_SHARD_BYTES),
+                          limits)
+    return MemoryPlan(notebook, largest, None, peaks[largest] + checkpoint, limits)
+
+
+def check_memory_plan(plan: MemoryPlan, profile_name: str) -> None:
+    """Print the plan; stop with what to choose instead when it does not fit the device."""
+    gpu = "runs on the CPU" if plan.gpu_peak is None else f"GPU peak {plan.gpu_peak / 1e9:.2f} GB"
+    print(f"Memory plan for {plan.notebook} with {profile_name}: largest load {plan.largest_scheme}; {gpu}; "
+          f"CPU peak {plan.cpu_peak / 1e9:.2f} GB; fits this machine: {plan.fits}")
+    if not plan.fits:
+        raise RuntimeError(
+            f"{plan.notebook} needs more memory than this device has with profile {profile_name!r} (its "
+            f"{plan.largest_scheme} load; limits: GPU {plan.limits.gpu_bytes}, CPU {plan.limits.cpu_bytes} bytes). Choose a smaller profile, e.g. PROFILE = 'llama-3.2-3b' on a T4, "
+            f"or PROFILE = 'tiny' on any machine.")

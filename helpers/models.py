@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from helpers.environment import Hardware, detect_hardware
+from helpers import memory
 from helpers.memory import FLOAT_SCHEMES, LINEAR_NAMES, check_scheme
 from helpers.profiles import Profile
 
@@ -134,3 +135,27 @@ def parameter_counts_by_component(model: torch.nn.Module) -> dict[str, int]:
     for name, parameter in model.named_parameters():  # named_parameters() skips a tied lm_head
         counts[component_of(name)] += parameter.numel()
     return counts
+
+
+def machine_limits(hardware: Hardware) -> memory.MemoryLimits:
+    """This machine's memory: the GPU's total (if any) and the system RAM."""
+    import psutil
+
+    return memory.MemoryLimits(gpu_bytes=hardware.gpu_memory_bytes, cpu_bytes=psutil.virtual_memory().total)
+
+
+def memory_plan(notebook: str, profile: Profile, hardware: Hardware, limits: memory.MemoryLimits) -> memory.MemoryPlan:
+    """The memory plan of a notebook for a profile on given hardware and limits (pure: reads only the config file)."""
+    on_gpu = hardware.device == "cuda"
+    dtypes = {scheme: from_pretrained_kwargs(profile, scheme, hardware)["dtype"]
+              for scheme in memory.QUANTIZED_SCHEMES}
+    config = memory.load_reference_config(profile.reference_config)
+    return memory.plan_notebook(notebook, config, on_gpu, limits, dtypes)
+
+
+def check_memory_before_loading(notebook: str, profile: Profile, hardware: Hardware | None = None) -> memory.MemoryPlan:
+    """Print the notebook's peak memory for this profile here, and stop with advice if it will not fit."""
+    hardware = hardware or detect_hardware()
+    plan = memory_plan(notebook, profile, hardware, machine_limits(hardware))
+    memory.check_memory_plan(plan, profile.name)
+    return plan

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.memory import EVAL_BATCH_WINDOWS
 from helpers.models import model_device
 
 HELDOUT_PATH = Path(__file__).resolve().parents[1] / "data" / "eval" / "heldout.txt"
@@ -48,7 +49,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int = 8) -> EvalResult:
+def evaluate(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH_WINDOWS) -> EvalResult:
     """Perplexity and top-1 predictions of ``model`` on ``windows`` (from ``token_windows``)."""
     device = model_device(model)
     nll, count, top1, sample = 0.0, 0, [], None

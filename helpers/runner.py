@@ -2,6 +2,8 @@
 
 ``python -m helpers.runner run``      executes every notebook into build/ (the committed ones stay untouched)
 ``python -m helpers.runner refresh``  re-executes the committed notebooks in place (new reference outputs)
+``python -m helpers.runner gpu-test`` the GPU lane: ``pytest --nbval-lax`` over every notebook on a real Llama
+                                      profile, Hub access on (see README, "The GPU lane")
 
 A notebook marks the code cell whose output summarizes it with the cell tag ``summary``.
 """
@@ -46,11 +48,77 @@ def summary_of(notebook) -> str:
     return ""
 
 
+GPU_LANE_EXIT_REFUSED = 2
+
+
+def gpu_lane_refusal(cuda_available: bool, profile_name: str | None, has_token: bool) -> str | None:
+    """Why the GPU lane cannot start here, or None when it can (pure)."""
+    from helpers import profiles
+
+    if not cuda_available:
+        return ("The GPU lane needs a CUDA GPU and this machine has none. Run it on a GPU runner (see "
+                ".github/workflows/gpu-lane.yml); on this machine use `make test`, the offline lane.")
+    if profile_name is not None:
+        try:
+            profile = profiles.get_profile(profile_name)
+        except ValueError as error:
+            return str(error)
+        if not profile.on_hub:
+            return f"The GPU lane checks a Hub profile; {profile.name!r} is the offline one (use `make test`)."
+        if profile.gated and not has_token:
+            return (f"{profile.model_id} is gated: accept its license on {profile.model_page} and export HF_TOKEN "
+                    "(a read token) before running the GPU lane.")
+    return None
+
+
+def run_gpu_lane(profile_name: str | None, timeout_per_notebook: int) -> int:
+    """pytest --nbval-lax over every notebook with a Hub profile; executed copies kept in build/gpu/."""
+    import subprocess
+
+    import torch
+
+    from helpers import environment, profiles
+
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    cuda = torch.cuda.is_available()
+    if cuda and profile_name is None:
+        profile_name = profiles.automatic_profile_name(environment.detect_hardware())[0]
+    has_token = cuda and profiles.hub_token_available()
+    refusal = gpu_lane_refusal(cuda, profile_name, has_token)
+    if refusal:
+        print(f"gpu-test refused: {refusal}", file=sys.stderr)
+        return GPU_LANE_EXIT_REFUSED
+    env = {**os.environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": "0"}
+    failures = 0
+    for path in course_notebooks():
+        print(f"=== {path.name} on {profile_name}", flush=True)
+        command = [sys.executable, "-m", "pytest", "--nbval-lax", f"--nbval-cell-timeout={timeout_per_notebook}",
+                   "-p", "no:cacheprovider", str(path)]
+        try:
+            result = subprocess.run(command, env=env, cwd=REPO_ROOT, timeout=timeout_per_notebook)
+            failures += result.returncode != 0
+        except subprocess.TimeoutExpired:
+            print(f"{path.name}: over the {timeout_per_notebook} s limit")
+            failures += 1
+        try:  # an executed copy for people to read, whatever the test said
+            os.environ[profiles.PROFILE_ENV_VAR] = profile_name
+            execute(path, BUILD_DIR / "gpu" / path.name, timeout=timeout_per_notebook)
+        except Exception as error:
+            print(f"{path.name}: executed copy incomplete ({type(error).__name__})")
+    print(f"{len(course_notebooks()) - failures} notebooks passed, {failures} failed on {profile_name}")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Execute the course notebooks top to bottom.")
-    parser.add_argument("mode", choices=["run", "refresh"], help="run: into build/; refresh: in place")
+    parser.add_argument("mode", choices=["run", "refresh", "gpu-test"],
+                        help="run: into build/; refresh: in place; gpu-test: the GPU lane")
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: all)")
+    parser.add_argument("--profile", default=None, help="gpu-test: a Hub profile (default: the automatic choice)")
+    parser.add_argument("--timeout", type=int, default=3600, help="gpu-test: seconds per notebook")
     args = parser.parse_args(argv)
+    if args.mode == "gpu-test":
+        return run_gpu_lane(args.profile or None, args.timeout)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = [NOTEBOOK_DIR / name for name in args.notebooks] if args.notebooks else course_notebooks()
     missing = [str(p) for p in chosen if not p.is_file()]

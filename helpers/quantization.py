@@ -34,6 +34,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from helpers.packing import pack_weights, unpack_weights
+
 SUPPORTED_4BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Blocksizes ``bitsandbytes.functional.quantize_4bit`` accepts."""
 
@@ -269,8 +271,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tenso
     _check_finite_scales(absmax, "quantize_nf4")
     if numel % 2:
         codes[numel] = int((boundaries < 0).sum())  # the code of 0.0, which bitsandbytes pads with
-    pairs = codes.to(torch.uint8).view(-1, 2)  # narrow first: packing then touches a quarter of the bytes
-    packed = (pairs[:, 0] << NF4_BITS) | pairs[:, 1]  # first code in the high nibble
+    packed = pack_weights(codes.to(torch.uint8), NF4_BITS, order="high_first")  # bitsandbytes' nibble order
     return packed, absmax
 
 
@@ -282,9 +283,7 @@ def unpack_nf4_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     if packed.numel() != _number_of_blocks(numel, 2) or numel <= 0:
         raise ValueError(f"{packed.numel()} packed bytes hold {2 * packed.numel() - 1} or {2 * packed.numel()} "
                          f"codes, not {numel}; pass the shape the weight had when it was quantized.")
-    flat = packed.reshape(-1)
-    codes = torch.stack([flat >> NF4_BITS, flat & 0xF], dim=1).reshape(-1)
-    return codes[:numel]
+    return unpack_weights(packed.reshape(-1), NF4_BITS, order="high_first")[:numel]
 
 
 def dequantize_nf4(

@@ -421,7 +421,9 @@ def check_memory_plan(plan: MemoryPlan, profile_name: str) -> None:
     print(f"Memory plan for {plan.notebook} with {profile_name}: largest load {plan.largest_scheme}; {gpu}; "
           f"CPU peak {plan.cpu_peak / 1e9:.2f} GB; fits this machine: {plan.fits}")
     if not plan.fits:
+        gpu_limit = "none" if plan.limits.gpu_bytes is None else f"{plan.limits.gpu_bytes / 1e9:.2f} GB"
         raise RuntimeError(
             f"{plan.notebook} needs more memory than this device has with profile {profile_name!r} (its "
-            f"{plan.largest_scheme} load; limits: GPU {plan.limits.gpu_bytes}, CPU {plan.limits.cpu_bytes} bytes). Choose a smaller profile, e.g. PROFILE = 'llama-3.2-3b' on a T4, "
+            f"{plan.largest_scheme} load; limits: GPU {gpu_limit}, CPU {plan.limits.cpu_bytes / 1e9:.2f} GB). "
+            f"Choose a smaller profile, e.g. PROFILE = 'llama-3.2-3b' on a T4, "
             f"or PROFILE = 'tiny' on any machine.")

@@ -76,3 +76,15 @@ def test_has_a_summary_cell_and_releases_memory(path):
     cells = code_cells(read(path))
     assert any(runner.SUMMARY_TAG in cell.metadata.get("tags", []) for cell in cells)
     assert any("memory.release(" in cell.source for cell in cells)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_memory_plan_printed_before_the_first_model_load(path):
+    sources = [cell.source for cell in code_cells(read(path))]
+    plan_at = next(i for i, s in enumerate(sources) if f'check_memory_before_loading("{path.stem}"' in s)
+    load_at = next(i for i, s in enumerate(sources) if "load_model(" in s)
+    assert plan_at <= load_at
+    assert sources[plan_at].index("check_memory_before_loading") < sources[load_at].index("load_model(") \
+        or plan_at < load_at
+    plan_output = "".join(o.get("text", "") for o in code_cells(read(path))[plan_at].outputs)
+    assert f"Memory plan for {path.stem}" in plan_output and "fits this machine: True" in plan_output

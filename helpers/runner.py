@@ -32,7 +32,9 @@ def execute(notebook_path: Path, output_path: Path, timeout: int = 1800):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(notebook_path, as_version=4)
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)  # per-cell timestamps would make every refresh a noisy diff
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(notebook_path.parent)}})
     client.execute()
     output_path.parent.mkdir(parents=True, exist_ok=True)

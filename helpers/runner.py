@@ -35,6 +35,8 @@ def execute(notebook_path: Path, output_path: Path, timeout: int = 1800):
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # per-cell timestamps would make every refresh a noisy diff
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
+                            # the kernel is local; its warning about unencrypted local TCP is noise here
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": str(notebook_path.parent)}})
     client.execute()
     output_path.parent.mkdir(parents=True, exist_ok=True)

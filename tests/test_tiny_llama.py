@@ -13,8 +13,8 @@ from helpers import memory, models, profiles, quality
 TINY = profiles.PROFILES["tiny"]
 FOLDER = profiles.DATA_DIR / "tiny-llama"
 PROMPT = "And the LORD spake unto Moses, saying,"
-RECORDED_CONTINUATION = "\nSpeak unto the children of Israel, saying, The LORD hath said unto Moses"
-PERPLEXITY_BOUND_ON_SLICE = 26.0  # measured 25.26 in float32 on the first 2048 held-out tokens; 3% margin
+RECORDED_CONTINUATION = "\n16:2 Speak unto the children of Israel, saying,\n16:"
+PERPLEXITY_BOUND_ON_SLICE = 23.5  # measured 22.83 in float32 on the first 2048 held-out tokens; 3% margin
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,18 @@ TRAINING = dict(
     weight_decay=0.1,
     betas=(0.9, 0.95),
     grad_clip=1.0,
-    torch_threads=1,
+    torch_threads=2,
 )
 
 VERSE_LINE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
 def read_kjv_chapters() -> list[str]:
-    """Return the King James Bible as a list of chapters, one verse per line, references removed."""
+    """Return the King James Bible as a list of chapters, one verse per line as ``chapter:verse text``.
+
+    The references stay (without the book name) so that the model sees digits: the pricer adapter of
+    notebooks 04 and 06 answers with numbers, and a base that never saw a digit cannot tell them apart.
+    """
     if shutil.which("bible") is None:
         sys.exit("The `bible` command is missing: install Debian's package with `apt-get install bible-kjv`.")
     text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
@@ -80,11 +84,11 @@ def read_kjv_chapters() -> list[str]:
         match = VERSE_LINE.match(line.strip())
         if not match:
             continue
-        book, chapter, _verse, words = match.groups()
+        book, chapter, verse, words = match.groups()
         if (book, chapter) != current_key:
             chapters.append([])
             current_key = (book, chapter)
-        chapters[-1].append(words.strip())
+        chapters[-1].append(f"{chapter}:{verse} {words.strip()}")
     if len(chapters) != 1189:
         sys.exit(f"Expected 1,189 chapters from `bible`, got {len(chapters)}: is bible-kjv complete?")
     return ["\n".join(verses) for verses in chapters]

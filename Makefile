@@ -3,8 +3,11 @@
 #   make test     helper tests + strict nbval over every committed notebook (what CI runs)
 #   make lab      open JupyterLab on the notebooks
 #   make refresh  re-execute the committed notebooks in place (after an intended change)
+#   make portability  strict nbval under other CPU instruction-set levels and thread counts (before every refresh)
 #   make rebuild-tiny-llama / make rebuild-adapter   retrain the shipped model / adapter (not part of CI)
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +15,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 NBVAL_FLAGS := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
-.PHONY: run test lab refresh rebuild-tiny-llama rebuild-adapter clean-venv
+.PHONY: run test lab refresh portability rebuild-tiny-llama rebuild-adapter clean-venv
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +37,9 @@ lab: $(STAMP)
 refresh: $(STAMP)
 	$(PY) -m helpers.runner refresh
 
+portability: $(STAMP)
+	$(PY) -m helpers.runner portability
+
 rebuild-tiny-llama: $(STAMP)
 	$(PY) data/build/train_tiny_llama.py
 
@@ -46,7 +52,9 @@ clean-venv:
 
 # The GPU lane (issue: verified on a T4-class runner). Uses the Python whose CUDA torch the runner provides;
 # `make gpu-setup` installs the pinned requirements into it without replacing torch.
-GPU_PYTHON ?= python3
+GPU_SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON ?= python3
 PROFILE ?=
 .PHONY: gpu-setup gpu-test
 gpu-setup:

@@ -1,6 +1,6 @@
 """Shared code of the course notebooks: one module per concept.
 
-- ``environment``: hardware, Colab, offline mode, seeding, quieting known noise
+- ``environment``: hardware, Colab, offline mode, seeding, quieting known noise, portable random numbers
 - ``profiles``: which model, adapter and dtypes a notebook uses, chosen from the hardware
 - ``models``: loading a profile's model in a given precision scheme
 - ``memory``: footprints (reported, true, estimated), meta-device models, snapshots, release
@@ -9,4 +9,34 @@
 - ``lora``: LoRA parameter counts and adapter inspection
 - ``quality``: perplexity, next-token agreement, greedy generations
 - ``plots``: the figures the notebooks share
+
+Importing this package pins the CPU numeric libraries (below) before torch is imported, so that a notebook gives
+the same numbers on every x86-64 CPU, whether it runs under nbval, the runner or JupyterLab.
 """
+
+import os
+import sys
+
+PINNED_CPU_NUMERICS = {
+    # PyTorch's own CPU kernels (softmax, SiLU, random numbers, ...) are compiled once per instruction set and
+    # chosen by the CPU; AVX2 exists on every x86-64 CPU of the last decade, so every CPU runs the same code.
+    "ATEN_CPU_CAPABILITY": "avx2",
+    # oneMKL (float32 matrix multiplication) picks kernels by CPU too; conditional numerical reproducibility
+    # asks every AVX2-or-better CPU for the AVX2 ones, and STRICT makes them independent of the thread count.
+    "MKL_CBWR": "AVX2,STRICT",
+    # oneDNN (16-bit matmuls and some fused ops) would use AVX-512/AMX where present.
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    # A fixed thread count: reductions split across threads add in a thread-dependent order.
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+}
+"""Environment variables that make CPU results independent of the CPU model and core count. ``setdefault``: a
+value already in the environment wins (the portability check sets other levels on purpose)."""
+
+TORCH_WAS_IMPORTED_FIRST = "torch" in sys.modules
+"""True when torch was imported before this package, too late for the pins to reach it (they are read once)."""
+
+for _name, _value in PINNED_CPU_NUMERICS.items():
+    if _name == "MKL_NUM_THREADS":  # one thread count for both pools, also when only OMP_NUM_THREADS was given
+        _value = os.environ["OMP_NUM_THREADS"]
+    os.environ.setdefault(_name, _value)

@@ -18,7 +18,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+import helpers
 
 REPOSITORY_URL = "https://github.com/llm-quantization-course/llm-quantization-course"
 """The course's repository: the Colab badges and setup cells point here (tests/test_notebooks.py checks it)."""
@@ -39,6 +42,7 @@ class Hardware:
     gpu_name: str | None = None
     compute_capability: tuple[int, int] | None = None
     gpu_memory_bytes: int | None = None
+    cpu_bf16_native: bool | None = None  # AVX512-BF16 or AMX on the host CPU; None when unknown
 
     @property
     def bf16_native(self) -> bool:
@@ -46,6 +50,8 @@ class Hardware:
         return self.compute_capability is not None and self.compute_capability >= BF16_NATIVE_MIN_CAPABILITY
 
     def describe(self) -> str:
+        """One line about the device. For a CPU it does not name the CPU's instruction sets, so it prints the same
+        on every CPU (``describe_cpu`` does name them)."""
         if self.device == "cpu":
             return "CPU only (no CUDA GPU)"
         major, minor = self.compute_capability or (0, 0)
@@ -59,17 +65,49 @@ A100_40GB = Hardware(device="cuda", gpu_name="NVIDIA A100-SXM4-40GB", compute_ca
                      gpu_memory_bytes=42_474_471_424)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), read from the CPU, not from the pin."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def detect_hardware() -> Hardware:
     """Read the hardware of this machine (the first CUDA device if there is one)."""
+    bf16 = cpu_has_native_bf16()
     if not torch.cuda.is_available():
-        return CPU
+        return Hardware(device="cpu", cpu_bf16_native=bf16)
     properties = torch.cuda.get_device_properties(0)
     return Hardware(
         device="cuda",
         gpu_name=properties.name,
         compute_capability=(properties.major, properties.minor),
         gpu_memory_bytes=properties.total_memory,
+        cpu_bf16_native=bf16,
     )
+
+
+def describe_cpu() -> str:
+    """The CPU's vector instruction sets and the numeric pins in force: what decides CPU results and speed."""
+    flags = {"AVX2": torch.cpu._is_avx2_supported(), "AVX-512": torch.cpu._is_avx512_supported(),
+             "AVX512-BF16": torch.cpu._is_avx512_bf16_supported(), "AMX": torch.cpu._is_amx_tile_supported()}
+    has = ", ".join(name for name, present in flags.items() if present) or "none of AVX2/AVX-512/AMX"
+    pins = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in helpers.PINNED_CPU_NUMERICS)
+    late = " (torch was imported before helpers: the pins may not apply)" if helpers.TORCH_WAS_IMPORTED_FIRST else ""
+    return (f"{platform.processor() or platform.machine()} with {has}; PyTorch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; {pins}{late}")
+
+
+def portable_randn(*shape: int, seed: int) -> torch.Tensor:
+    """Standard normal float32 values that are the same on every CPU.
+
+    ``torch.randn`` draws its normal values with code compiled per instruction set, so the same seed gives other
+    numbers under another CPU capability. NumPy's generator (PCG64, ziggurat) is plain C with no such dispatch.
+    """
+    if not shape or not all(isinstance(size, int) and size > 0 for size in shape):
+        raise ValueError(f"portable_randn needs positive int sizes, got {shape!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return torch.from_numpy(values)
 
 
 def in_colab() -> bool:
@@ -104,6 +142,7 @@ def print_versions() -> None:
     for name, version in package_versions().items():
         print(f"{name:>13}: {version}")
     print(f"{'hardware':>13}: {detect_hardware().describe()}")
+    print(f"{'cpu':>13}: {describe_cpu()}")
     print(f"{'colab':>13}: {in_colab()}   hub offline: {hub_offline()}")
 
 
@@ -127,10 +166,18 @@ _KNOWN_NOISE = {
     "progress bars": "transformers' and huggingface_hub's loading/saving bars (and tqdm's note about ipywidgets)",
     "bitsandbytes kernels line": "bitsandbytes' note that the optional `kernels` package (Hub-fetched CPU "
                                  "kernels) is missing; the built-in CPU kernels are used instead",
-    "LLM.int8 cast warning": "`MatMul8bitLt: inputs will be cast from torch.float32 to float16`, repeated on every call",
+    "LLM.int8 cast note": "bitsandbytes' log line `MatMul8bitLt: inputs will be cast from torch.float32 to float16 "
+                          "during quantization`, repeated on every call (the cast is how LLM.int8 works)",
     "transformers info/warnings": "transformers' logging below ERROR (e.g. generation-config notes)",
 }
 _quieted = False
+
+
+class _Int8CastFilter(logging.Filter):
+    """Drops only bitsandbytes' `MatMul8bitLt: inputs will be cast ...` record; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast from")
 
 
 def quiet_known_noise(verbose: bool = True) -> list[str]:
@@ -143,7 +190,10 @@ def quiet_known_noise(verbose: bool = True) -> list[str]:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast from")
+    # bitsandbytes logs the LLM.int8 cast through `logging`, on every call; a `warnings` filter would not see it
+    int8_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastFilter) for f in int8_logger.filters):
+        int8_logger.addFilter(_Int8CastFilter())
     warnings.filterwarnings("ignore", message=r"IProgress not found")  # tqdm.auto without ipywidgets
     import huggingface_hub.utils
     import transformers

@@ -18,15 +18,22 @@ from helpers.profiles import Profile
 REQUIRED_LOCAL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def compute_dtype_for(hardware: Hardware) -> tuple[torch.dtype, str]:
-    """The 4-bit compute dtype for this hardware, and why.
+CPU_COMPUTE_REASON = ("CPU: float32, the one dtype every x86-64 CPU multiplies natively and fast; bfloat16 and "
+                      "float16 are emulated without AVX512-BF16/AMX (8-9x slower) and round differently from one "
+                      "instruction set to the next, so float32 also gives the same answers on every CPU")
 
-    bfloat16 where it is native (capability 8.0+). A T4 (7.5) only emulates bfloat16, although
-    ``torch.cuda.is_bf16_supported()`` says True, so float16 is used there. On the CPU, bitsandbytes'
-    4-bit kernels accept bfloat16 and float32; bfloat16 matches what the GPU recipe does.
+
+def compute_dtype_for(hardware: Hardware) -> tuple[torch.dtype, str]:
+    """The 4-bit compute dtype for this hardware, and why: the fastest dtype the device runs natively.
+
+    bfloat16 where a GPU has it natively (capability 8.0+). A T4 (7.5) only emulates bfloat16, although
+    ``torch.cuda.is_bf16_supported()`` says True, so float16 is used there. On a CPU the same rule gives float32:
+    it is native everywhere, while 16-bit matmuls are native only with AVX512-BF16/AMX. Even there the course
+    keeps float32, because 16-bit results differ between instruction sets and the committed outputs must not
+    depend on which CPU ran them (the reason printed is therefore the same on every CPU).
     """
     if hardware.device == "cpu":
-        return torch.bfloat16, "CPU: bitsandbytes' CPU 4-bit matmul supports bfloat16 (the QLoRA recipe's dtype)"
+        return torch.float32, CPU_COMPUTE_REASON
     if hardware.bf16_native:
         return torch.bfloat16, f"compute capability {hardware.compute_capability} has native bfloat16"
     return torch.float16, (f"compute capability {hardware.compute_capability} has no native bfloat16 "
@@ -37,8 +44,10 @@ def from_pretrained_kwargs(profile: Profile, scheme: str, hardware: Hardware) ->
     """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (pure: no I/O, no GPU needed).
 
     Every BitsAndBytesConfig knob is set on purpose, since its defaults (fp4, no double quantization,
-    float32 compute) are rarely what a course means. LLM.int8 keeps the non-quantized modules in float16,
-    the dtype its matmul computes in, so no cast happens on each call.
+    float32 compute) are rarely what a course means. On a GPU, LLM.int8 keeps the non-quantized modules in
+    float16, the dtype its matmul computes in, so no cast happens on each call. On a CPU everything that is not
+    quantized stays float32 (see ``compute_dtype_for``): LLM.int8's integer products are exact, and its outlier
+    columns and rescaling then run in float32 too, the same on every CPU.
     """
     from transformers import BitsAndBytesConfig
 
@@ -50,7 +59,7 @@ def from_pretrained_kwargs(profile: Profile, scheme: str, hardware: Hardware) ->
     if scheme in FLOAT_SCHEMES:
         kwargs["dtype"] = FLOAT_SCHEMES[scheme]
     elif scheme == "int8":
-        kwargs["dtype"] = torch.float16
+        kwargs["dtype"] = torch.float16 if hardware.device == "cuda" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=True,
             llm_int8_threshold=6.0,  # activation magnitude above which a feature takes the float16 path
@@ -103,10 +112,27 @@ def load_model(profile: Profile, scheme: str = "fp32", hardware: Hardware | None
         check_local_model_files(profile.model_id)
     model = AutoModelForCausalLM.from_pretrained(profile.model_id, **kwargs)
     model.eval()
+    use_portable_cpu_path(model)
     tokenizer = AutoTokenizer.from_pretrained(profile.model_id)
     if tokenizer.pad_token is None:  # Llama 3 base checkpoints ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def use_portable_cpu_path(model: torch.nn.Module) -> int:
+    """Keep every 4-bit layer on bitsandbytes' portable CPU path; returns how many layers were set.
+
+    On CPUs with AVX512-BF16, bitsandbytes would otherwise repack a layer's storage at its first forward pass and
+    compute in bfloat16 whatever the compute dtype says, so results (and bytes held) would depend on the CPU.
+    The portable path dequantizes to the compute dtype and multiplies with PyTorch. A GPU ignores the flag.
+    Every 4-bit load of ``load_model`` goes through here; call it yourself on a Linear4bit you build by hand.
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

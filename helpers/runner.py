@@ -2,6 +2,8 @@
 
 ``python -m helpers.runner run``      executes every notebook into build/ (the committed ones stay untouched)
 ``python -m helpers.runner refresh``  re-executes the committed notebooks in place (new reference outputs)
+``python -m helpers.runner portability`` strict nbval over every notebook under other CPU instruction-set levels
+                                      and thread counts than the pinned ones (run it before re-recording outputs)
 ``python -m helpers.runner gpu-test`` the GPU lane: ``pytest --nbval-lax`` over every notebook on a real Llama
                                       profile, Hub access on (see README, "The GPU lane")
 
@@ -38,9 +40,11 @@ def execute(notebook_path: Path, output_path: Path, timeout: int = 1800):
                             # the kernel is local; its warning about unencrypted local TCP is noise here
                             extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": str(notebook_path.parent)}})
-    client.execute()
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(notebook, output_path)
+    try:
+        client.execute()
+    finally:  # a failed notebook is kept too, with the error in the failing cell: that is the copy people need
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, output_path)
     return notebook
 
 
@@ -113,10 +117,53 @@ def run_gpu_lane(profile_name: str | None, timeout_per_notebook: int) -> int:
     return 1 if failures else 0
 
 
+def portability_settings(native_capability: str) -> list[dict[str, str]]:
+    """The numeric settings the portability check runs under (pure).
+
+    The committed outputs are recorded with the pins of ``helpers.PINNED_CPU_NUMERICS`` (AVX2 kernels, 2 threads).
+    The check runs the notebooks with PyTorch's portable C++ kernels (capability ``default``, no vector
+    instructions) on 1 thread, and with this CPU's own best kernels on 3 threads: if a compared output depended on
+    the instruction set or the core count, one of the two would differ from the committed text.
+    """
+    native = native_capability.lower()
+    return [
+        {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        {"ATEN_CPU_CAPABILITY": native, "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"},
+    ]
+
+
+def run_portability_check(notebooks: list[Path]) -> int:
+    """Strict nbval over the notebooks under each setting of ``portability_settings``; a summary at the end."""
+    import re
+    import subprocess
+
+    import torch
+
+    native = "avx512" if torch.cpu._is_avx512_supported() else "avx2" if torch.cpu._is_avx2_supported() else "default"
+    failures: list[str] = []
+    for setting in portability_settings(native):
+        label = ", ".join(f"{name}={value}" for name, value in setting.items())
+        print(f"=== strict nbval with {label}", flush=True)
+        command = [sys.executable, "-m", "pytest", "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
+                   "--nbval-cell-timeout=900", "-q", "-p", "no:cacheprovider", "-rf",
+                   *[str(path.relative_to(REPO_ROOT)) for path in notebooks]]
+        result = subprocess.run(command, env={**os.environ, **setting}, cwd=REPO_ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        print(result.stdout, flush=True)  # nbval names each differing cell and prints both texts
+        failed_items = re.findall(r"^FAILED (\S+)", result.stdout, flags=re.MULTILINE)
+        failures += [f"{item} [{label}]" for item in failed_items]
+        if result.returncode != 0 and not failed_items:
+            failures.append(f"pytest exited with {result.returncode} [{label}]")
+    print("portability check: " + ("every compared output is the same under every setting" if not failures else
+                                   f"{len(failures)} differences:\n  " + "\n  ".join(failures)))
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Execute the course notebooks top to bottom.")
-    parser.add_argument("mode", choices=["run", "refresh", "gpu-test"],
-                        help="run: into build/; refresh: in place; gpu-test: the GPU lane")
+    parser.add_argument("mode", choices=["run", "refresh", "portability", "gpu-test"],
+                        help="run: into build/; refresh: in place; portability: other CPU settings; "
+                             "gpu-test: the GPU lane")
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: all)")
     parser.add_argument("--profile", default=None, help="gpu-test: a Hub profile (default: the automatic choice)")
     parser.add_argument("--timeout", type=int, default=3600, help="gpu-test: seconds per notebook")
@@ -128,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in chosen if not p.is_file()]
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
+    if args.mode == "portability":
+        return run_portability_check(chosen)
     failures = 0
     for path in chosen:
         target = path if args.mode == "refresh" else BUILD_DIR / path.name

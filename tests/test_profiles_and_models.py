@@ -56,7 +56,15 @@ def test_bf16_native_only_from_ampere():
     assert not T4.bf16_native and A100_40GB.bf16_native and not CPU.bf16_native
     assert models.compute_dtype_for(T4)[0] == torch.float16
     assert models.compute_dtype_for(A100_40GB)[0] == torch.bfloat16
-    assert models.compute_dtype_for(CPU)[0] == torch.bfloat16
+    assert models.compute_dtype_for(CPU)[0] == torch.float32
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True, None])
+def test_cpu_compute_dtype_is_float32_with_the_same_reason_on_every_cpu(cpu_bf16):
+    # native and fast everywhere; 16-bit CPU results would depend on the instruction set
+    dtype, why = models.compute_dtype_for(environment.Hardware("cpu", cpu_bf16_native=cpu_bf16))
+    assert dtype == torch.float32 and why == models.CPU_COMPUTE_REASON
+    assert "AVX512-BF16/AMX" in why and "same answers on every CPU" in why
 
 
 @pytest.mark.parametrize("hardware_name", list(HARDWARE))
@@ -76,9 +84,9 @@ def test_from_pretrained_kwargs_for_every_combination(profile_name, scheme, hard
     elif scheme == "int8":
         assert quant.load_in_8bit and not quant.load_in_4bit
         assert quant.llm_int8_threshold == 6.0 and not quant.llm_int8_has_fp16_weight
-        assert kwargs["dtype"] == torch.float16
+        assert kwargs["dtype"] == (torch.float16 if hardware.device == "cuda" else torch.float32)
     else:
-        compute = torch.float16 if hardware is T4 else torch.bfloat16
+        compute = {"cpu": torch.float32}.get(hardware.device, torch.float16 if hardware is T4 else torch.bfloat16)
         assert quant.load_in_4bit and not quant.load_in_8bit
         assert quant.bnb_4bit_quant_type == ("fp4" if scheme == "fp4" else "nf4")
         assert quant.bnb_4bit_use_double_quant == (scheme == "nf4-dq")

@@ -203,7 +203,16 @@ def test_dequantize_nf4_equals_bitsandbytes_reference_for_every_shape(blocksize)
         assert torch.equal(Q.dequantize_nf4(packed.reshape(-1, 1), absmax, shape, blocksize), expected), shape
 
 
+def bitsandbytes_uses_its_avx512_cpu_kernels() -> bool:
+    """bitsandbytes' CPU library picks its AVX-512 dequantize kernel from the CPU itself (not from PyTorch's pin)."""
+    from bitsandbytes.cextension import lib
+
+    return bool(getattr(lib, "has_avx512f_cpu", lambda: 0)())
+
+
 @pytest.mark.skipif(bnb.__version__ != "0.50.2", reason="documents a quirk of bitsandbytes 0.50.2's CPU kernel")
+@pytest.mark.skipif(not bitsandbytes_uses_its_avx512_cpu_kernels(),
+                    reason="the quirk belongs to bitsandbytes' AVX-512 CPU kernel, which this CPU does not run")
 def test_bitsandbytes_native_cpu_dequantize_assumes_rows_of_whole_blocks():
     # When a block spans two rows (in_features not a multiple of the blocksize), bitsandbytes 0.50.2's native CPU
     # dequantize_4bit reads absmax[row * (in_features // blocksize) + column // blocksize], which disagrees
@@ -216,6 +225,20 @@ def test_bitsandbytes_native_cpu_dequantize_assumes_rows_of_whole_blocks():
     row_major_index = torch.arange(3)[:, None] * (96 // 64) + torch.arange(96)[None] // 64
     assert torch.equal(native, Q.nf4_levels(Q.BNB_NF4_OFFSET, True)[codes] * absmax[row_major_index])
     assert not torch.equal(native, Q.dequantize_nf4(packed, absmax, (3, 96)))
+
+
+@pytest.mark.skipif(bnb.__version__ != "0.50.2", reason="documents bitsandbytes 0.50.2's CPU kernels")
+@pytest.mark.skipif(bitsandbytes_uses_its_avx512_cpu_kernels(),
+                    reason="on an AVX-512 CPU bitsandbytes runs the kernel of the quirk above instead")
+def test_bitsandbytes_cpu_dequantize_without_avx512_follows_the_flat_quantizer():
+    # Without AVX-512, bitsandbytes' CPU dequantize_4bit indexes absmax by the flat position, as its quantizer does,
+    # so it agrees with dequantize_nf4 even when a block spans two rows; a 1-D input comes back shaped (1, n).
+    weight = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
+    packed, absmax = Q.quantize_nf4(weight)
+    bnb_packed, state = bnb_nf4(weight)
+    assert torch.equal(F.dequantize_4bit(bnb_packed, state), Q.dequantize_nf4(packed, absmax, (3, 96)))
+    flat_packed, flat_state = bnb_nf4(weight.reshape(-1))
+    assert F.dequantize_4bit(flat_packed, flat_state).shape == (1, weight.numel())
 
 
 def test_round_trip_error_is_bounded_by_half_the_widest_gap():

@@ -50,16 +50,29 @@ rebuild-adapter: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# The GPU lane (issue: verified on a T4-class runner). Uses the Python whose CUDA torch the runner provides;
-# `make gpu-setup` installs the pinned requirements into it without replacing torch.
-GPU_SHELL := /bin/bash
-.SHELLFLAGS := -o pipefail -c
-PYTHON ?= python3
+# The GPU lanes, on a machine with a CUDA GPU. They use GPU_PYTHON, whose CUDA build of torch stays: by default
+# .venv-gpu, which `make gpu-setup` creates from $(PYTHON) with --system-site-packages (so it sees that torch) and
+# fills with the pinned requirements except torch, installing only what is missing: with everything present it needs
+# no network, so `make gpu-setup && make gpu-smoke` runs offline.
+#   make gpu-smoke   every notebook on the tiny profile placed on the GPU: no Hub, no token; copies in build/gpu-smoke/
+#   make gpu-test    every notebook on a real Llama from the Hub (HF_TOKEN; PROFILE=... to choose); copies in build/gpu/
+GPU_VENV := .venv-gpu
+GPU_PYTHON ?= $(GPU_VENV)/bin/python
 PROFILE ?=
-.PHONY: gpu-setup gpu-test
+TIMEOUT ?=
+.PHONY: gpu-setup gpu-smoke gpu-test set-repository
+
 gpu-setup:
-	$(GPU_PYTHON) -c "from helpers.environment import requirements_without_torch as r; print('\n'.join(r('requirements.txt')))" \
-	  | $(GPU_PYTHON) -m pip install --quiet -r /dev/stdin
+	$(if $(filter $(GPU_VENV)/bin/python,$(GPU_PYTHON)),test -x $(GPU_PYTHON) || $(PYTHON) -m venv --system-site-packages $(GPU_VENV))
+	$(GPU_PYTHON) -m helpers.runner gpu-setup
+
+gpu-smoke:
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m helpers.runner gpu-smoke $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
 gpu-test:
-	HF_HUB_OFFLINE=0 $(GPU_PYTHON) -m helpers.runner gpu-test $(if $(PROFILE),--profile $(PROFILE))
+	HF_HUB_OFFLINE=0 $(GPU_PYTHON) -m helpers.runner gpu-test $(if $(PROFILE),--profile $(PROFILE)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
+
+# A fork: `make set-repository URL=https://github.com/OWNER/NAME BRANCH=main` points helpers/colab.py, every notebook's
+# Colab badge and setup cell, and the README's badges at it (without URL/BRANCH: re-applies helpers/colab.py's values).
+set-repository: $(STAMP)
+	$(PY) -m helpers.repository $(if $(URL),--url $(URL)) $(if $(BRANCH),--branch $(BRANCH))

@@ -1,6 +1,8 @@
 """Shared code of the course notebooks: one module per concept.
 
-- ``environment``: hardware, Colab, offline mode, seeding, quieting known noise, portable random numbers
+- ``colab``: the setup cell's Colab install (standard library only) and the repository's address
+- ``repository``: ``make set-repository``, which points badges and setup cells at a fork
+- ``environment``: hardware, offline mode, seeding, quieting known noise, portable random numbers, versions
 - ``profiles``: which model, adapter and dtypes a notebook uses, chosen from the hardware
 - ``models``: loading a profile's model in a given precision scheme
 - ``memory``: footprints (reported, true, estimated), meta-device models, snapshots, release
@@ -9,6 +11,9 @@
 - ``lora``: LoRA parameter counts and adapter inspection
 - ``quality``: perplexity, next-token agreement, greedy generations
 - ``plots``: the figures the notebooks share
+- ``claims``: a notebook's claims about its own numbers, printed with a ✓ and enforced
+- ``pricer``: the offline pricer task of notebooks 04 and 06
+- ``runner``: executing the notebooks (make run, refresh, portability, the GPU lanes)
 
 Importing this package pins the CPU numeric libraries (below) before torch is imported, so that a notebook gives
 the same numbers on every x86-64 CPU, whether it runs under nbval, the runner or JupyterLab.

@@ -12,7 +12,6 @@ import os
 import platform
 import random
 import re
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,10 +22,7 @@ import torch
 
 import helpers
 
-REPOSITORY_URL = "https://github.com/llm-quantization-course/llm-quantization-course"
-"""The course's repository: the Colab badges and setup cells point here (tests/test_notebooks.py checks it)."""
-
-REPOSITORY_NAME = REPOSITORY_URL.rstrip("/").rsplit("/", 1)[-1]
+from helpers.colab import REPOSITORY_BRANCH, REPOSITORY_NAME, REPOSITORY_URL  # noqa: F401  (named in one place)
 
 BF16_NATIVE_MIN_CAPABILITY = (8, 0)
 """Ampere (compute capability 8.0) is the first NVIDIA generation with bfloat16 tensor cores."""
@@ -128,10 +124,18 @@ def seed_everything(seed: int = 0) -> None:
 
 
 def package_versions(packages: tuple[str, ...] = COURSE_PACKAGES) -> dict[str, str]:
+    """The version each package runs at: the imported module's ``__version__`` (what this session really uses,
+    even after an install replaced the files), else the installed distribution's, marked as not imported yet."""
+    from helpers import colab
+
     versions = {"python": platform.python_version()}
+    loaded = colab.loaded_versions(packages, sys.modules)
     for name in packages:
+        if colab.module_name(name) in loaded:
+            versions[name] = loaded[colab.module_name(name)]
+            continue
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[name] = f"{importlib.metadata.version(name)} (not imported yet)"
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
@@ -155,11 +159,13 @@ def requirements_without_torch(requirements: str | Path) -> list[str]:
 
 
 def install_on_colab(repo_root: Path) -> None:
-    """On Colab, install the pinned requirements except torch (Colab's CUDA build must stay). Elsewhere: nothing."""
-    if not in_colab():
-        return
-    packages = requirements_without_torch(Path(repo_root) / "requirements.txt")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *packages], check=True)
+    """On Colab, install the course's Hugging Face libraries it lacks or has at other versions; elsewhere nothing.
+
+    Kept for old setup cells; the notebooks call ``helpers.colab.install_on_colab`` before importing this module.
+    """
+    from helpers import colab
+
+    colab.install_on_colab(repo_root)
 
 
 _KNOWN_NOISE = {

@@ -468,3 +468,54 @@ def finetuning_memory(config, r: int, target_modules: Sequence[str], lora_base_d
         "qlora": adapter_method("qlora", qlora_base.true,
                                 f"frozen NF4 (double quant) base, rest {other_name} + float32 LoRA"),
     }
+
+
+# --------------------------------------------------------------------------------------------- a short QLoRA run
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The hyper-parameters of notebook 06's short QLoRA run, decided per profile and hardware."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    gradient_checkpointing: bool
+    loss_scaling: bool
+    reasons: tuple[str, ...]
+
+    def learning_rate_at(self, step: int) -> float:
+        """Linear warm-up to ``learning_rate`` over ``warmup_steps``, then constant (step counts from 0)."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        return self.learning_rate * min(1.0, (step + 1) / max(self.warmup_steps, 1))
+
+
+def training_settings(profile_name: str, compute_dtype: torch.dtype, on_gpu: bool) -> TrainingSettings:
+    """Notebook 06's run for a profile (pure, so every combination is tested without a GPU).
+
+    - Learning rate: 2e-3 suits the 6.8M-parameter tiny Llama; a 3B or 8B model takes the QLoRA paper's 2e-4
+      (larger models need smaller steps), in both cases after a linear warm-up over a tenth of the steps.
+    - Loss scaling: with float16 compute (a T4) small gradients underflow to zero in the 4-bit layers' backward,
+      so the loss is scaled up before ``backward`` and the gradients scaled back (``torch.amp.GradScaler``);
+      bfloat16 and float32 have float32's range and need none.
+    - Gradient checkpointing on a GPU only, non-reentrant (saves activation memory; on a CPU it only costs time).
+    """
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {compute_dtype!r}")
+    if profile_name == "tiny":
+        steps, batch_size, learning_rate = 60, 8, 2e-3
+        why_rate = "2e-3: the tiny Llama has 6.8M parameters and learns the format in a few dozen steps"
+    elif profile_name in ("llama-3.2-3b", "llama-3.1-8b"):
+        steps, batch_size, learning_rate = 60, 4, 2e-4
+        why_rate = "2e-4, the QLoRA paper's rate for models of this size (2e-3 would overshoot)"
+    else:
+        raise ValueError(f"No training settings for profile {profile_name!r}: add them to helpers.lora.training_settings.")
+    loss_scaling = compute_dtype == torch.float16
+    reasons = (
+        f"learning rate {why_rate}, warmed up linearly over {steps // 10} steps",
+        "loss scaling on: float16 compute" if loss_scaling else f"no loss scaling: {compute_dtype} has float32's range",
+        "gradient checkpointing on (non-reentrant): saves GPU memory" if on_gpu
+        else "gradient checkpointing off: on a CPU it would only cost time",
+    )
+    return TrainingSettings(steps, batch_size, learning_rate, steps // 10, on_gpu, loss_scaling, reasons)

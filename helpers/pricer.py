@@ -275,8 +275,9 @@ def collate_for_training(encoded: Sequence[tuple[list[int], list[int]]], pad_tok
 # Answering, parsing and scoring
 # ---------------------------------------------------------------------------------------------
 
-# The right format: digits right after "$", then the end of the answer or a line break.
-_ANSWER_PATTERN = re.compile(r"(\d+)(?:\s|$)")
+# The right format: digits right after "$" (a "$" of the answer's own is allowed, and cents as the course's Hub
+# adapters write them, "137.00"), then the end of the answer or whitespace.
+_ANSWER_PATTERN = re.compile(r"\$?(\d+)(?:\.(\d{1,2}))?(?:\s|$)")
 
 
 def parse_price(text: str) -> int | None:
@@ -284,15 +285,21 @@ def parse_price(text: str) -> int | None:
 
     ``text`` is either the completion that follows the prompt or a whole text containing ``"Price is $"``
     (then what follows its last occurrence is read). The right format is one or more digits right after
-    the ``$``, followed by the end of the text or whitespace (anything after that is ignored). So "137"
-    and "137\\nMore" parse to 137, while "", " 137", "1,370", "12.5", "137th" and "the LORD" are ``None``.
+    the ``$``, optionally with one or two decimals of cents, followed by the end of the text or whitespace
+    (anything after that is ignored). The course's tiny adapter answers in whole dollars ("137"); the course's
+    Hub adapters were trained to write "Price is $137.00", and a model may repeat the dollar sign ("$137").
+    Cents are rounded to the nearest dollar, halves up. So "137", "137\\nMore", "137.00" and "$137" parse to
+    137, "12.5" to 13, while "", " 137", "1,370", "12.505", "137th" and "the LORD" are ``None``.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_price expects a str, got {type(text).__name__}.")
     if ANSWER_PREFIX in text:
         text = text.rsplit(ANSWER_PREFIX, 1)[1]
     match = _ANSWER_PATTERN.match(text)
-    return int(match.group(1)) if match else None
+    if not match:
+        return None
+    dollars, cents = int(match.group(1)), int((match.group(2) or "0").ljust(2, "0"))
+    return dollars + (cents >= 50)
 
 
 @dataclass(frozen=True)
@@ -356,3 +363,23 @@ def answer_prices(model, tokenizer, items: Sequence[PricerItem]) -> tuple[Pricer
     finally:
         model.train(was_training)
     return score_answers(completions, [item.price for item in items]), completions
+
+
+def adapter_claims(profile_name: str, base: PricerScores, adapted: PricerScores) -> dict[str, bool]:
+    """What notebooks 04 and 06 claim about an adapter on the pricer items, per profile (pure).
+
+    The tiny profile's adapter was trained by this course on these very items, so it must beat the base on
+    format and on error. The Hub profiles' adapters were trained on real product listings, in the format
+    "Price is $137.00", not on the course's synthetic items; what must hold there is only that the adapted model
+    answers with a price most of the time, whatever its accuracy on items it never saw the like of.
+    """
+    if profile_name == "tiny":
+        return {
+            "the adapted model answers in the right format at least as often as the base":
+                adapted.format_share >= base.format_share,
+            "the adapted model's mean absolute error is below the base's":
+                adapted.mean_absolute_error < base.mean_absolute_error,
+        }
+    if profile_name in ("llama-3.2-3b", "llama-3.1-8b"):
+        return {"the adapted model answers with a price on at least half the items": adapted.format_share >= 0.5}
+    raise ValueError(f"No adapter claims for profile {profile_name!r}: add them to helpers.pricer.adapter_claims.")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
@@ -508,3 +509,65 @@ def time_against_bitsandbytes(weight: torch.Tensor, blocksize: int = 64, repeats
             best[run] = min(best[run], time.perf_counter() - start)
     return QuantizeTiming(best[run_from_scratch], best[run_bitsandbytes],
                           best[run_from_scratch] / best[run_bitsandbytes], identical)
+
+
+# --------------------------------------------------------------------------------------------- our codes vs theirs
+
+CUDA_CODE_TOLERANCES: dict[str, tuple[float, str]] = {
+    "int8": (1e-5, "bitsandbytes' CUDA kernel takes 127 / absmax with a fast approximate reciprocal (__fdividef, "
+                   "built with --use_fast_math), so a few codes per million land one step away"),
+    "nf4": (1e-5, "bitsandbytes' CUDA kernel scales each value by a fast approximate reciprocal of its block's "
+                  "absmax before comparing it with the exact float32 midpoints, so a value on a midpoint may rarely "
+                  "go the other way"),
+    "absmax-8bit": (2e-3, "on CUDA the 8-bit codes of the double-quantized scales come from a binary search over the "
+                          "dynamic map, on the CPU from a lookup table; about 0.1% of codes differ by one step"),
+}
+"""Per kind of code: the share of codes that may differ (each by one step) on a CUDA device, and why. On the CPU
+bitsandbytes computes exactly what ``helpers.quantization`` computes, so no difference is allowed there."""
+
+
+@dataclass(frozen=True)
+class CodeComparison:
+    """From-scratch codes against the codes bitsandbytes stored, with the tolerance of the device that stored them."""
+
+    kind: str
+    device_type: str
+    n_codes: int
+    n_different: int
+    max_step: int
+    allowed_share: float
+
+    @property
+    def exact(self) -> bool:
+        return self.n_different == 0
+
+    @property
+    def within_tolerance(self) -> bool:
+        """Exact on the CPU; on CUDA at most ``allowed_share`` of the codes differ, each by at most one step."""
+        return self.exact or (self.max_step <= 1 and self.n_different <= self.allowed_share * self.n_codes)
+
+    def describe(self) -> str:
+        rule = "exactly" if self.allowed_share == 0 else f"up to {self.allowed_share:.0e} of codes one step away"
+        return f"{self.n_different:,} of {self.n_codes:,} codes differ ({self.device_type}: {rule})"
+
+
+def compare_codes(ours: torch.Tensor, theirs: torch.Tensor, kind: str, device_type: str) -> CodeComparison:
+    """Compare integer codes (int8 weights, NF4 indices, 8-bit scale codes) element by element.
+
+    ``device_type`` is where bitsandbytes computed ``theirs`` ("cpu" or "cuda"): it decides the tolerance
+    (``CUDA_CODE_TOLERANCES``; none on the CPU). The tensors must have the same shape and an integer dtype.
+    """
+    if kind not in CUDA_CODE_TOLERANCES:
+        raise ValueError(f"Unknown kind of code {kind!r}; choose one of {', '.join(CUDA_CODE_TOLERANCES)}.")
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}.")
+    for name, codes in (("ours", ours), ("theirs", theirs)):
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
+            raise TypeError(f"compare_codes compares integer codes; {name} is "
+                            f"{getattr(codes, 'dtype', type(codes).__name__)}.")
+    if ours.shape != theirs.shape:
+        raise ValueError(f"compare_codes needs equal shapes, got {tuple(ours.shape)} and {tuple(theirs.shape)}.")
+    steps = (ours.cpu().long() - theirs.cpu().long()).abs()
+    allowed = CUDA_CODE_TOLERANCES[kind][0] if device_type == "cuda" else 0.0
+    return CodeComparison(kind, device_type, ours.numel(), int((steps > 0).sum()),
+                          int(steps.max()) if steps.numel() else 0, allowed)

@@ -4,8 +4,12 @@
 ``python -m helpers.runner refresh``  re-executes the committed notebooks in place (new reference outputs)
 ``python -m helpers.runner portability`` strict nbval over every notebook under other CPU instruction-set levels
                                       and thread counts than the pinned ones (run it before re-recording outputs)
-``python -m helpers.runner gpu-test`` the GPU lane: ``pytest --nbval-lax`` over every notebook on a real Llama
-                                      profile, Hub access on (see README, "The GPU lane")
+``python -m helpers.runner gpu-smoke`` the GPU smoke lane: every notebook on the tiny profile placed on the GPU,
+                                      no Hub, no token; executed copies in build/gpu-smoke/
+``python -m helpers.runner gpu-test`` the Hub lane: every notebook on a real Llama profile, Hub access on
+``python -m helpers.runner gpu-setup`` the pinned requirements, torch excepted, into this Python (only what is missing)
+
+Both GPU lanes check what ``pytest --nbval-lax`` checks, executing each notebook once (see README, "The GPU lane").
 
 A notebook marks the code cell whose output summarizes it with the cell tag ``summary``.
 """
@@ -16,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,24 +33,57 @@ def course_notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
-def execute(notebook_path: Path, output_path: Path, timeout: int = 1800):
-    """Run one notebook in a fresh kernel, from its own folder, and write the executed copy."""
+def execute(notebook_path: Path, output_path: Path, timeout: int = 1800, *, notebook_timeout: int | None = None,
+            kernel_env: dict[str, str] | None = None, lax: bool = False):
+    """Run one notebook once in a fresh kernel, from its own folder, and write the executed copy, failed or not.
+
+    ``timeout`` limits each cell and ``notebook_timeout`` the whole notebook; ``kernel_env`` is the kernel's
+    environment (default: this process's); ``lax`` applies nbval's cell markers (``mark_for_lax``). On failure the
+    copy is written with the error in the cell where it happened (a time limit or a dead kernel too), then it raises.
+    """
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     notebook = nbformat.read(notebook_path, as_version=4)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # per-cell timestamps would make every refresh a noisy diff
+    if lax:
+        mark_for_lax(notebook)
+    deadline = None if notebook_timeout is None else time.monotonic() + notebook_timeout
+    running: list[int] = []  # index of the cell being executed, for errors that nbclient does not record
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
+                            timeout_func=None if deadline is None else lambda cell: seconds_left(deadline, timeout),
+                            on_cell_start=lambda cell, cell_index: running.append(cell_index),
                             # the kernel is local; its warning about unencrypted local TCP is noise here
                             extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": str(notebook_path.parent)}})
     try:
-        client.execute()
+        client.execute(**({} if kernel_env is None else {"env": kernel_env}))
+    except CellExecutionError:
+        raise  # nbclient has put the error in the failing cell
+    except Exception as error:
+        past_limit = deadline is not None and time.monotonic() >= deadline - 1
+        reason = f"the notebook ran past its {notebook_timeout} s limit" if past_limit else str(error).strip()
+        if running:
+            record_error(notebook.cells[running[-1]], type(error).__name__, reason)
+        raise
     finally:  # a failed notebook is kept too, with the error in the failing cell: that is the copy people need
         output_path.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, output_path)
     return notebook
+
+
+def seconds_left(deadline: float, cell_timeout: int) -> int:
+    """The time a cell may take: the cell limit, or less when the notebook's deadline comes first (at least 1 s)."""
+    return max(1, min(cell_timeout, int(deadline - time.monotonic())))
+
+
+def record_error(cell, ename: str, evalue: str) -> None:
+    """Append an error output to a cell, as a failing cell shows one, for failures that raise no cell error."""
+    import nbformat
+
+    cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
 
 
 def summary_of(notebook) -> str:
@@ -57,6 +95,130 @@ def summary_of(notebook) -> str:
 
 
 GPU_LANE_EXIT_REFUSED = 2
+GPU_LANE_DIRS = {"gpu-smoke": BUILD_DIR / "gpu-smoke", "gpu-test": BUILD_DIR / "gpu"}
+GPU_LANE_TIMEOUTS = {"gpu-smoke": 240, "gpu-test": 3600}
+"""Seconds per notebook. The tiny profile runs a notebook in seconds, so six stay well under 10 minutes on a GPU."""
+
+LAX_MARKERS = {"NBVAL_SKIP": "skip-execution", "NBVAL_RAISES_EXCEPTION": "raises-exception"}
+"""nbval's markers that change execution, and the nbclient cell tag that does the same."""
+CHECK_MARKER = "NBVAL_CHECK_OUTPUT"
+"""The one marker whose cell ``pytest --nbval-lax`` compares with its committed output."""
+SUMMARY_ERROR_WIDTH = 100
+
+
+def nbval_markers(cell) -> set[str]:
+    """nbval's markers on a cell: comment lines such as ``# NBVAL_SKIP`` and tags such as ``nbval-skip`` (pure)."""
+    comments = {line.strip().lstrip("#").strip() for line in cell.source.splitlines() if line.strip().startswith("#")}
+    tags = {tag.upper().replace("-", "_") for tag in cell.get("metadata", {}).get("tags", [])}
+    return {marker for marker in comments | tags if marker.startswith("NBVAL_")}
+
+
+def mark_for_lax(notebook) -> None:
+    """Tag the cells nbval skips or lets raise with the nbclient tags that do the same."""
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+            tags.extend(tag for marker, tag in LAX_MARKERS.items() if marker in nbval_markers(cell) and tag not in tags)
+
+
+def output_texts(cell) -> list[str]:
+    """What nbval compares in a cell's outputs: stream texts, plain-text results, error names (pure)."""
+    texts = []
+    for output in cell.get("outputs", []):
+        if output.output_type == "stream":
+            texts.append(f"{output.name}: {output.text}")
+        elif output.output_type in ("execute_result", "display_data"):
+            texts.append(output.get("data", {}).get("text/plain", ""))
+        elif output.output_type == "error":
+            texts.append(f"error: {output.ename}")
+    return texts
+
+
+def lax_problem(reference, executed) -> str | None:
+    """The first thing ``pytest --nbval-lax`` would fail on, as one line, or None (pure).
+
+    ``reference`` is the committed notebook, ``executed`` the copy just run: an error output in a cell not marked
+    to raise, or a cell marked NBVAL_CHECK_OUTPUT whose output differs from the committed one.
+    """
+    committed_cells = [cell for cell in reference.cells if cell.cell_type == "code"]
+    executed_cells = [cell for cell in executed.cells if cell.cell_type == "code"]
+    for number, (committed, cell) in enumerate(zip(committed_cells, executed_cells), start=1):
+        markers = nbval_markers(committed)
+        errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
+        if errors and "NBVAL_RAISES_EXCEPTION" not in markers:  # the last: a time limit follows its interrupt
+            first_line = (str(errors[-1].get("evalue", "")).strip().splitlines() or [""])[0]
+            return f"code cell {number}: {errors[-1].ename}: {first_line}"
+        if CHECK_MARKER in markers and output_texts(cell) != output_texts(committed):
+            return f"code cell {number}: output differs from the committed one ({CHECK_MARKER})"
+    return None
+
+
+@dataclass(frozen=True)
+class NotebookResult:
+    """One notebook's outcome in a GPU lane."""
+
+    name: str
+    seconds: float
+    problem: str | None = None  # the first failure, one line; None when it passed
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None
+
+
+def check_notebook(path: Path, output_path: Path, kernel_env: dict[str, str] | None, timeout: int) -> NotebookResult:
+    """Execute one notebook once (``timeout`` seconds in all), keep the copy, and judge it as nbval-lax would."""
+    import nbformat
+
+    started, crash = time.monotonic(), None
+    output_path.unlink(missing_ok=True)  # never judge an older run's copy
+    try:
+        execute(path, output_path, timeout, notebook_timeout=timeout, kernel_env=kernel_env, lax=True)
+    except Exception as error:  # the copy has the error in its cell; this is the fallback when no cell ran
+        crash = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    problem = crash
+    if output_path.is_file():
+        problem = lax_problem(nbformat.read(path, as_version=4), nbformat.read(output_path, as_version=4)) or crash
+    return NotebookResult(path.stem, time.monotonic() - started, problem)
+
+
+def run_notebooks(notebooks: list[Path], output_dir: Path, kernel_env: dict[str, str],
+                  timeout: int) -> list[NotebookResult]:
+    """Check every notebook in turn, whatever the previous ones did; executed copies go to ``output_dir``."""
+    results = []
+    for path in notebooks:
+        print(f"=== {path.name}", flush=True)
+        result = check_notebook(path, output_dir / path.name, kernel_env, timeout)
+        print(f"{'passed' if result.passed else f'FAILED: {result.problem}'} ({result.seconds:.0f} s)", flush=True)
+        results.append(result)
+    return results
+
+
+def lane_summary(lane: str, profile_name: str, results: list[NotebookResult], output_dir: Path) -> str:
+    """One screen: the lane's verdict, then per notebook passed or FAILED, its time and its first error (pure)."""
+    passed = sum(result.passed for result in results)
+    minutes = sum(result.seconds for result in results) / 60
+    shown = output_dir.relative_to(REPO_ROOT) if output_dir.is_relative_to(REPO_ROOT) else output_dir
+    lines = [f"{lane} on profile {profile_name}: {passed} of {len(results)} notebooks passed in {minutes:.1f} min; "
+             f"executed copies in {shown}/"]
+    for result in results:
+        problem = result.problem or ""
+        if len(problem) > SUMMARY_ERROR_WIDTH:
+            problem = problem[:SUMMARY_ERROR_WIDTH - 3] + "..."
+        verdict = "passed" if result.passed else "FAILED"
+        lines.append(f"  {verdict}  {result.name:<22} {result.seconds:5.0f} s  {problem}".rstrip())
+    return "\n".join(lines)
+
+
+def smoke_refusal(cuda_available: bool, torch_cuda_build: str | None) -> str | None:
+    """Why the GPU smoke lane cannot start here, or None when it can (pure)."""
+    if cuda_available:
+        return None
+    why = ("this torch is a CPU-only build (torch.version.cuda is None): install a CUDA build of torch into "
+           "GPU_PYTHON's environment first" if torch_cuda_build is None else
+           f"torch (built for CUDA {torch_cuda_build}) sees no CUDA device")
+    return (f"The GPU smoke lane needs a CUDA GPU, and {why}. Run it on a GPU runner (see "
+            ".github/workflows/gpu-smoke.yml); on this machine use `make test`, the offline lane.")
 
 
 def gpu_lane_refusal(cuda_available: bool, profile_name: str | None, has_token: bool) -> str | None:
@@ -79,42 +241,79 @@ def gpu_lane_refusal(cuda_available: bool, profile_name: str | None, has_token: 
     return None
 
 
-def run_gpu_lane(profile_name: str | None, timeout_per_notebook: int) -> int:
-    """pytest --nbval-lax over every notebook with a Hub profile; executed copies kept in build/gpu/."""
-    import subprocess
+def kernel_refusal(kernel_python: str, executable: str) -> str | None:
+    """Why the notebooks' kernel would not run in this Python, or None (pure).
 
+    Jupyter replaces a kernel command's ``python`` by the running Python; a kernelspec that names another
+    interpreter (a user-level ``python3`` kernel, say) would test another environment than the one set up.
+    """
+    replaced = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+    if kernel_python in replaced or os.path.abspath(kernel_python) == os.path.abspath(executable):
+        return None
+    return (f"the Jupyter kernel `python3` runs {kernel_python}, not this Python ({executable}), so the notebooks "
+            "would not see the packages set up here. Remove or rename that kernel (`jupyter kernelspec list`).")
+
+
+def run_gpu_lane(lane: str, profile_name: str | None, timeout: int | None, notebooks: list[Path]) -> int:
+    """A GPU lane: ``gpu-smoke`` (tiny profile on the GPU, Hub off) or ``gpu-test`` (a Hub profile, Hub on).
+
+    Refuses with exit code 2 when it cannot start; otherwise executes each notebook once, keeps every executed
+    copy, prints a one-screen summary, and exits 1 when a notebook failed.
+    """
     import torch
 
     from helpers import environment, profiles
 
-    os.environ["HF_HUB_OFFLINE"] = "0"
     cuda = torch.cuda.is_available()
-    if cuda and profile_name is None:
-        profile_name = profiles.automatic_profile_name(environment.detect_hardware())[0]
-    has_token = cuda and profiles.hub_token_available()
-    refusal = gpu_lane_refusal(cuda, profile_name, has_token)
+    if lane == "gpu-smoke":
+        profile_name, hub_offline = "tiny", "1"
+        refusal = smoke_refusal(cuda, torch.version.cuda)
+    else:
+        hub_offline = "0"
+        if cuda and profile_name is None:
+            profile_name = profiles.automatic_profile_name(environment.detect_hardware())[0]
+        refusal = gpu_lane_refusal(cuda, profile_name, cuda and profiles.hub_token_available())
+    if refusal is None:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        refusal = kernel_refusal(KernelSpecManager().get_kernel_spec("python3").argv[0], sys.executable)
     if refusal:
-        print(f"gpu-test refused: {refusal}", file=sys.stderr)
+        print(f"{lane} refused: {refusal}", file=sys.stderr)
         return GPU_LANE_EXIT_REFUSED
-    env = {**os.environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": "0"}
-    failures = 0
-    for path in course_notebooks():
-        print(f"=== {path.name} on {profile_name}", flush=True)
-        command = [sys.executable, "-m", "pytest", "--nbval-lax", f"--nbval-cell-timeout={timeout_per_notebook}",
-                   "-p", "no:cacheprovider", str(path)]
-        try:
-            result = subprocess.run(command, env=env, cwd=REPO_ROOT, timeout=timeout_per_notebook)
-            failures += result.returncode != 0
-        except subprocess.TimeoutExpired:
-            print(f"{path.name}: over the {timeout_per_notebook} s limit")
-            failures += 1
-        try:  # an executed copy for people to read, whatever the test said
-            os.environ[profiles.PROFILE_ENV_VAR] = profile_name
-            execute(path, BUILD_DIR / "gpu" / path.name, timeout=timeout_per_notebook)
-        except Exception as error:
-            print(f"{path.name}: executed copy incomplete ({type(error).__name__})")
-    print(f"{len(course_notebooks()) - failures} notebooks passed, {failures} failed on {profile_name}")
-    return 1 if failures else 0
+    print(f"{lane}: profile {profile_name} on {torch.cuda.get_device_name(0)}, HF_HUB_OFFLINE={hub_offline}",
+          flush=True)
+    kernel_env = {**os.environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": hub_offline}
+    results = run_notebooks(notebooks, GPU_LANE_DIRS[lane], kernel_env, timeout or GPU_LANE_TIMEOUTS[lane])
+    print(lane_summary(lane, profile_name, results, GPU_LANE_DIRS[lane]))
+    return 0 if all(result.passed for result in results) else 1
+
+
+GPU_SETUP_KEEPS = ("torch", "torchvision", "torchaudio")
+"""What gpu-setup never installs: the GPU machine's own CUDA build of torch stays."""
+
+
+def gpu_setup_pins(pins: dict[str, str]) -> dict[str, str]:
+    """The pins gpu-setup installs: every one except the torch family (pure)."""
+    return {name: version for name, version in pins.items() if name not in GPU_SETUP_KEEPS}
+
+
+def run_gpu_setup(requirements: Path) -> int:
+    """Install the pinned requirements, torch excepted, into this Python: only those missing or at other versions.
+
+    When all are present it installs nothing, so it works without a network. Exit code 2 when there is no torch.
+    """
+    from helpers import colab
+
+    installed = colab.installed_versions()
+    if "torch" not in installed:
+        print("gpu-setup refused: this Python has no torch. Install the CUDA build of torch your GPU needs first "
+              "(https://pytorch.org/get-started/locally/); gpu-setup keeps it and installs the rest.", file=sys.stderr)
+        return GPU_LANE_EXIT_REFUSED
+    pins = gpu_setup_pins(colab.read_pins(requirements.read_text()))
+    report = colab.install_missing(pins, protected=GPU_SETUP_KEEPS)
+    print(f"gpu-setup: torch {installed['torch']} kept; installed {', '.join(report.installed) or 'nothing'}; "
+          f"{len(report.left_alone)} of {len(pins)} pinned packages were already right")
+    return 0
 
 
 def portability_settings(native_capability: str) -> list[dict[str, str]]:
@@ -145,12 +344,12 @@ def run_portability_check(notebooks: list[Path]) -> int:
         label = ", ".join(f"{name}={value}" for name, value in setting.items())
         print(f"=== strict nbval with {label}", flush=True)
         command = [sys.executable, "-m", "pytest", "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
-                   "--nbval-cell-timeout=900", "-q", "-p", "no:cacheprovider", "-rf",
+                   "--nbval-cell-timeout=900", "-q", "-p", "no:cacheprovider", "-rf", "--color=no",
                    *[str(path.relative_to(REPO_ROOT)) for path in notebooks]]
         result = subprocess.run(command, env={**os.environ, **setting}, cwd=REPO_ROOT, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         print(result.stdout, flush=True)  # nbval names each differing cell and prints both texts
-        failed_items = re.findall(r"^FAILED (\S+)", result.stdout, flags=re.MULTILINE)
+        failed_items = re.findall(r"^FAILED (.+?)(?: - |$)", result.stdout, flags=re.MULTILINE)
         failures += [f"{item} [{label}]" for item in failed_items]
         if result.returncode != 0 and not failed_items:
             failures.append(f"pytest exited with {result.returncode} [{label}]")
@@ -161,20 +360,23 @@ def run_portability_check(notebooks: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Execute the course notebooks top to bottom.")
-    parser.add_argument("mode", choices=["run", "refresh", "portability", "gpu-test"],
+    parser.add_argument("mode", choices=["run", "refresh", "portability", "gpu-smoke", "gpu-test", "gpu-setup"],
                         help="run: into build/; refresh: in place; portability: other CPU settings; "
-                             "gpu-test: the GPU lane")
+                             "gpu-smoke: tiny profile on the GPU; gpu-test: a Hub profile; gpu-setup: install")
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: all)")
     parser.add_argument("--profile", default=None, help="gpu-test: a Hub profile (default: the automatic choice)")
-    parser.add_argument("--timeout", type=int, default=3600, help="gpu-test: seconds per notebook")
+    parser.add_argument("--timeout", type=int, default=None,
+                        help=f"GPU lanes: seconds per notebook (default: {GPU_LANE_TIMEOUTS})")
     args = parser.parse_args(argv)
-    if args.mode == "gpu-test":
-        return run_gpu_lane(args.profile or None, args.timeout)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.mode == "gpu-setup":
+        return run_gpu_setup(REPO_ROOT / "requirements.txt")
     chosen = [NOTEBOOK_DIR / name for name in args.notebooks] if args.notebooks else course_notebooks()
     missing = [str(p) for p in chosen if not p.is_file()]
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
+    if args.mode in GPU_LANE_DIRS:
+        return run_gpu_lane(args.mode, args.profile or None, args.timeout, chosen)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.mode == "portability":
         return run_portability_check(chosen)
     failures = 0

@@ -1,4 +1,4 @@
-"""The GPU lane, checked on a machine without a GPU: clean refusal, workflow file, T4 memory plans."""
+"""The GPU lanes, checked without a GPU: clean refusals, the workflows and their gates, T4 memory plans."""
 
 import os
 import subprocess
@@ -14,14 +14,36 @@ from helpers.environment import T4
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "gpu-lane.yml"
+SMOKE_WORKFLOW = REPO_ROOT / ".github" / "workflows" / "gpu-smoke.yml"
+WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.y*ml"))
+PULL_REQUEST_EVENTS = {"pull_request", "pull_request_target", "pull_request_review", "pull_request_review_comment"}
+DEFAULT_BRANCH_ONLY = "github.ref == format('refs/heads/{0}', github.event.repository.default_branch)"
 
 
-def test_gpu_test_command_refuses_without_cuda():
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def events(workflow: dict) -> dict | str | list:
+    return workflow["on"] if "on" in workflow else workflow[True]  # YAML 1.1 reads a bare `on` key as True
+
+
+def triggers(workflow: dict) -> set[str]:
+    on = events(workflow)
+    return {on} if isinstance(on, str) else set(on)
+
+
+def pull_request_workflows() -> list[Path]:
+    return [path for path in WORKFLOWS if triggers(load(path)) & PULL_REQUEST_EVENTS]
+
+
+@pytest.mark.parametrize("lane,message", [("gpu-test", "needs a CUDA GPU"), ("gpu-smoke", "needs a CUDA GPU")])
+def test_gpu_lanes_refuse_without_cuda(lane, message):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    result = subprocess.run([sys.executable, "-m", "helpers.runner", "gpu-test"], cwd=REPO_ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "helpers.runner", lane], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == runner.GPU_LANE_EXIT_REFUSED
-    assert "needs a CUDA GPU" in result.stderr and "make test" in result.stderr
+    assert result.stderr.startswith(f"{lane} refused: ") and message in result.stderr and "make test" in result.stderr
 
 
 @pytest.mark.parametrize("cuda,profile,token,expected", [
@@ -94,3 +116,56 @@ def test_cpu_plan_for_the_tiny_profile_fits_and_prints(capsys):
     plan = models.check_memory_before_loading("03_nf4", profiles.PROFILES["tiny"])
     assert plan.gpu_peak is None and plan.fits and torch.cuda.is_available() is False
     assert "fits this machine: True" in capsys.readouterr().out
+
+
+def test_no_workflow_uses_pull_request_target():
+    assert WORKFLOWS and not any("pull_request_target" in triggers(load(path)) for path in WORKFLOWS)
+
+
+def test_hub_lane_runs_weekly_and_by_hand_on_the_default_branch_only():
+    workflow = load(WORKFLOW)
+    assert triggers(workflow) == {"workflow_dispatch", "schedule"}
+    assert all(job["if"] == DEFAULT_BRANCH_ONLY for job in workflow["jobs"].values())
+    assert "${{ secrets.HF_TOKEN }}" in WORKFLOW.read_text()  # the one lane that needs it
+
+
+def test_smoke_lane_runs_on_pull_requests_only_after_a_maintainer_approves():
+    workflow = load(SMOKE_WORKFLOW)
+    assert triggers(workflow) == {"pull_request", "workflow_dispatch"}
+    assert set(events(workflow)["pull_request"]["types"]) == {
+        "opened", "synchronize", "reopened", "labeled"}
+    job = workflow["jobs"]["smoke"]
+    assert job["if"] == ("github.event_name == 'workflow_dispatch' || "
+                         "contains(github.event.pull_request.labels.*.name, 'run-gpu')")
+    assert job["environment"] == "gpu-smoke"  # required reviewers approve every run (see the workflow's comment)
+    assert "self-hosted" in job["runs-on"]
+    assert [step.get("run") for step in job["steps"] if "run" in step] == ["make gpu-setup", "make gpu-smoke"]
+    upload = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact"))
+    assert upload["if"] == "always()" and upload["with"]["path"] == "build/gpu-smoke/*.ipynb"
+    assert workflow["permissions"] == {"contents": "read"}
+
+
+def test_every_self_hosted_job_a_pull_request_can_start_waits_for_an_approved_environment():
+    for path in pull_request_workflows():
+        for name, job in load(path)["jobs"].items():
+            if "self-hosted" in job.get("runs-on", []):
+                assert job.get("environment"), f"{path.name}: job {name} runs a pull request's code unreviewed"
+
+
+def test_no_secret_is_reachable_from_a_pull_request():
+    assert pull_request_workflows() == [SMOKE_WORKFLOW]
+    for path in pull_request_workflows():
+        workflow = load(path)
+        texts = [yaml.safe_dump({key: value for key, value in workflow.items() if key not in ("on", True)})]
+        for job in workflow["jobs"].values():
+            assert "secrets" not in job, "a pull-request job passes secrets to a reusable workflow"
+            called = job.get("uses", "")
+            if called.startswith("./"):
+                texts.append((REPO_ROOT / called).read_text())
+        assert not any("secrets." in text or "github.token" in text for text in texts), path.name
+
+
+def test_makefile_and_readme_name_every_gpu_command():
+    makefile, readme = (REPO_ROOT / "Makefile").read_text(), (REPO_ROOT / "README.md").read_text()
+    for target in ("gpu-setup", "gpu-smoke", "gpu-test", "set-repository"):
+        assert f"\n{target}:" in makefile and f"make {target}" in readme

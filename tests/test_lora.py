@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import lora
 from helpers.lora import (
     ATTENTION_MODULES,
     adapter_file_layout,
@@ -355,3 +356,29 @@ def test_finetuning_memory_rejects_bad_input():
         finetuning_memory(TRAINABLE, 4, ["q_proj"], lora_base_dtype=torch.int8)
     with pytest.raises(ValueError, match="dtype must be"):
         finetuning_memory(TRAINABLE, 4, ["q_proj"], qlora_other_dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- notebook 06's run, per profile
+
+
+@pytest.mark.parametrize("profile_name,dtype,on_gpu,rate,scaling,checkpointing", [
+    ("tiny", torch.float32, False, 2e-3, False, False),
+    ("tiny", torch.bfloat16, True, 2e-3, False, True),
+    ("llama-3.2-3b", torch.float16, True, 2e-4, True, True),  # a T4
+    ("llama-3.1-8b", torch.bfloat16, True, 2e-4, False, True),  # an A100
+])
+def test_training_settings_per_profile_and_hardware(profile_name, dtype, on_gpu, rate, scaling, checkpointing):
+    settings = lora.training_settings(profile_name, dtype, on_gpu)
+    assert (settings.learning_rate, settings.loss_scaling, settings.gradient_checkpointing) == (rate, scaling, checkpointing)
+    assert settings.warmup_steps == settings.steps // 10 == 6
+    assert [settings.learning_rate_at(step) for step in (0, 5, 6, 59)] == pytest.approx([rate / 6, rate, rate, rate])
+    assert len(settings.reasons) == 3 and ("loss scaling on" in settings.reasons[1]) == scaling
+
+
+def test_training_settings_refuse_unknown_input():
+    with pytest.raises(ValueError, match="No training settings for profile 'gpt-2'"):
+        lora.training_settings("gpt-2", torch.float32, False)
+    with pytest.raises(ValueError, match="compute_dtype must be"):
+        lora.training_settings("tiny", torch.int8, False)
+    with pytest.raises(ValueError, match="non-negative int"):
+        lora.training_settings("tiny", torch.float32, False).learning_rate_at(-1)

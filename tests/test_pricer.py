@@ -98,10 +98,17 @@ def test_jsonl_round_trip(tmp_path):
         ("", None),
         (" 137", None),
         ("1,370", None),
-        ("12.5", None),
+        ("12.5", 13),
+        ("12.49", 12),
+        ("137.00", 137),
+        ("137.00\n\nHow much", 137),
+        ("Price is $137.00", 137),
+        ("$137", 137),
+        ("12.505", None),
+        ("137.", None),
+        ("$ 137", None),
         ("137th", None),
         ("and the LORD spake", None),
-        ("$137", None),
     ],
 )
 def test_parse_price(text, price):
@@ -171,3 +178,20 @@ def test_answer_prices_scores_greedy_answers(tokenizer):
     assert again == scores  # greedy: the same answers every time
     with pytest.raises(ValueError, match="No items"):
         pricer.answer_prices(model, tokenizer, [])
+
+
+def scores_of(share: float, error: float) -> pricer.PricerScores:
+    return pricer.PricerScores(n_items=10, n_right_format=round(10 * share), format_share=share,
+                               mean_absolute_error=error, mean_absolute_error_parsed=error, mean_true_price=100.0)
+
+
+def test_adapter_claims_are_stated_per_profile():
+    tiny = pricer.adapter_claims("tiny", scores_of(0.0, 150.0), scores_of(1.0, 40.0))
+    assert list(tiny.values()) == [True, True] and "mean absolute error is below" in list(tiny)[1]
+    assert pricer.adapter_claims("tiny", scores_of(0.5, 50.0), scores_of(0.4, 60.0)) == dict.fromkeys(tiny, False)
+    # a Hub adapter priced real listings: only the answer format is claimed on the course's synthetic items
+    hub = pricer.adapter_claims("llama-3.2-3b", scores_of(0.9, 20.0), scores_of(0.6, 80.0))
+    assert hub == {"the adapted model answers with a price on at least half the items": True}
+    assert not any(pricer.adapter_claims("llama-3.1-8b", scores_of(0.9, 20.0), scores_of(0.4, 10.0)).values())
+    with pytest.raises(ValueError, match="No adapter claims for profile 'gpt-2'"):
+        pricer.adapter_claims("gpt-2", scores_of(0, 0), scores_of(0, 0))

@@ -481,3 +481,47 @@ def test_bad_input_raises_value_error_naming_the_problem(call, message):
 def test_non_tensor_weight_raises_type_error():
     with pytest.raises(TypeError, match="torch.tensor"):
         Q.quantize_nf4([1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------ from-scratch codes vs stored
+
+
+def test_compare_codes_is_exact_on_the_cpu():
+    ours = torch.tensor([[1, -3], [127, 0]], dtype=torch.int8)
+    same = Q.compare_codes(ours, ours.clone(), "int8", "cpu")
+    assert same.exact and same.within_tolerance and same.describe() == "0 of 4 codes differ (cpu: exactly)"
+    off_by_one = Q.compare_codes(ours, ours + torch.tensor([[0, 1], [0, 0]], dtype=torch.int8), "int8", "cpu")
+    assert (off_by_one.n_different, off_by_one.max_step, off_by_one.within_tolerance) == (1, 1, False)
+
+
+def test_compare_codes_allows_the_documented_cuda_share_one_step_away():
+    ours = torch.zeros(1_000_000, dtype=torch.int8)
+    few = ours.clone()
+    few[:10] = 1  # 10 per million, each one step: within int8's 1e-5
+    assert Q.compare_codes(ours, few, "int8", "cuda").within_tolerance
+    many = ours.clone()
+    many[:11] = 1
+    assert not Q.compare_codes(ours, many, "int8", "cuda").within_tolerance
+    two_steps = ours.clone()
+    two_steps[0] = 2
+    assert not Q.compare_codes(ours, two_steps, "int8", "cuda").within_tolerance
+    scales = torch.zeros(1000, dtype=torch.uint8)
+    scales_off = scales.clone()
+    scales_off[:2] = 1  # 0.2%: the double-quantization tolerance
+    assert Q.compare_codes(scales, scales_off, "absmax-8bit", "cuda").within_tolerance
+    assert not Q.compare_codes(scales, scales_off, "nf4", "cuda").within_tolerance
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: Q.compare_codes(torch.zeros(3, dtype=torch.int8), torch.zeros(3, dtype=torch.int8), "int4", "cpu"),
+     ValueError, "Unknown kind of code 'int4'"),
+    (lambda: Q.compare_codes(torch.zeros(3, dtype=torch.int8), torch.zeros(3, dtype=torch.int8), "int8", "mps"),
+     ValueError, "device_type must be"),
+    (lambda: Q.compare_codes(torch.zeros(3), torch.zeros(3, dtype=torch.int8), "int8", "cpu"),
+     TypeError, "integer codes; ours is torch.float32"),
+    (lambda: Q.compare_codes(torch.zeros(3, dtype=torch.int8), torch.zeros(4, dtype=torch.int8), "int8", "cpu"),
+     ValueError, r"equal shapes, got \(3,\) and \(4,\)"),
+])
+def test_compare_codes_refuses_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

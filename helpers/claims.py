@@ -1,0 +1,56 @@
+"""Claims a notebook makes about its own numbers, printed and enforced in one call.
+
+A notebook that prints "from-scratch bytes == stored bytes: True" teaches nothing if it would print False just as
+quietly on another machine. ``check`` prints the claim with a ✓ and raises ``ClaimFailed`` when it does not hold,
+so the strict CI lane (which compares outputs) and the lax GPU lanes (which only see exceptions) verify the same
+lesson. Descriptive facts (tied or not, on Colab or not) stay plain prints; tests/test_notebooks.py tells the two
+apart and fails on a printed True/False that no ``check`` enforced.
+"""
+
+from __future__ import annotations
+
+CHECK_MARK = "✓"
+"""Starts every line ``check`` prints: the mark of a claim that was verified when the cell ran."""
+
+
+class ClaimFailed(AssertionError):
+    """A notebook's claim about its own numbers did not hold on this run."""
+
+
+def _as_bool(holds: object, claim: str) -> bool:
+    """A real truth value: bool, numpy bool or a one-element torch tensor; anything else is a programming error."""
+    import numpy as np
+    import torch
+
+    if isinstance(holds, (bool, np.bool_)):
+        return bool(holds)
+    if isinstance(holds, torch.Tensor) and holds.dtype == torch.bool and holds.numel() == 1:
+        return bool(holds)
+    type_name = type(holds).__name__
+    raise TypeError(f"check({claim!r}, ...) needs a bool (or a numpy/torch boolean scalar), got {type_name}: "
+                    "compare the numbers first, e.g. check('a equals b', a == b).")
+
+
+def check(claim: str, holds: object, detail: str = "") -> None:
+    """Print ``✓ <claim>: True``; raise ``ClaimFailed`` (with ``detail``) when the claim is false.
+
+    Returns nothing, so a cell that ends with a check shows no ``Out[]`` line.
+    """
+    if not isinstance(claim, str) or not claim.strip():
+        raise ValueError("check needs the claim as a non-empty sentence, e.g. check('estimate == measured', ok).")
+    if "\n" in claim:
+        raise ValueError(f"a claim is one line; got {claim!r}")
+    truth = _as_bool(holds, claim)
+    if not truth:
+        raise ClaimFailed(f"This notebook's claim does not hold on this run: {claim!r}."
+                          + (f" {detail}" if detail else "")
+                          + " The lesson's numbers changed: look at the cells above before going on.")
+    print(f"{CHECK_MARK} {claim}: True")
+
+
+def check_all(claims: dict[str, object], detail: str = "") -> None:
+    """``check`` every (claim, holds) pair in order; the first false one raises."""
+    if not claims:
+        raise ValueError("check_all needs at least one claim.")
+    for claim, holds in claims.items():
+        check(claim, holds, detail)

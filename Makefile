@@ -66,8 +66,14 @@ gpu-setup:
 	$(if $(filter $(GPU_VENV)/bin/python,$(GPU_PYTHON)),test -x $(GPU_PYTHON) || $(PYTHON) -m venv --system-site-packages $(GPU_VENV))
 	$(GPU_PYTHON) -m helpers.runner gpu-setup
 
+# The smoke lane: every notebook on the tiny profile on the GPU, then the cells that need no trained weights at the
+# real Llama-3.2-3B scale, on a random-weight checkpoint built locally (helpers/scale.py). Both run; either fails it.
 gpu-smoke:
-	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m helpers.runner gpu-smoke $(if $(TIMEOUT),--timeout $(TIMEOUT))
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m helpers.runner gpu-smoke $(if $(TIMEOUT),--timeout $(TIMEOUT)); \
+	  lane=$$?; [ $$lane -eq 2 ] && exit 2; \
+	  HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m helpers.scale --config data/reference/llama-3.2-3b.config.json \
+	    --work build/scale-smoke --device cuda; scale=$$?; \
+	  [ $$lane -eq 0 ] && [ $$scale -eq 0 ]
 
 gpu-test:
 	HF_HUB_OFFLINE=0 $(GPU_PYTHON) -m helpers.runner gpu-test $(if $(PROFILE),--profile $(PROFILE)) $(if $(TIMEOUT),--timeout $(TIMEOUT))

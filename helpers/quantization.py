@@ -388,11 +388,14 @@ def dequantize_absmax(
                          "quant_state.state2.absmax), got "
                          f"{getattr(scales, 'dtype', type(scales).__name__)} with shape "
                          f"{tuple(getattr(scales, 'shape', ()))}; check the blocksize.")
-    offset = torch.as_tensor(offset, dtype=torch.float32)
+    if scales.device != codes.device:
+        raise ValueError(f"dequantize_absmax needs codes and scales on one device, got {codes.device} and "
+                         f"{scales.device}.")
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=codes.device)
     if offset.numel() != 1:
         raise ValueError(f"dequantize_absmax needs one offset (quant_state.offset), got {offset.numel()} values.")
-    code, _ = _dynamic_map_and_lookup()
-    padded = torch.zeros(blocks * blocksize, dtype=torch.long)
+    code = _dynamic_map_and_lookup()[0].to(codes.device)  # on the codes' device: a CUDA state stays on CUDA
+    padded = torch.zeros(blocks * blocksize, dtype=torch.long, device=codes.device)
     padded[: codes.numel()] = codes.long()
     values = (code[padded].view(blocks, blocksize) * scales.unsqueeze(1)).reshape(-1)[: codes.numel()]
     return values + offset.reshape(())

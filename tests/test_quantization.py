@@ -525,3 +525,12 @@ def test_compare_codes_allows_the_documented_cuda_share_one_step_away():
 def test_compare_codes_refuses_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_dequantize_absmax_stays_on_the_codes_device_and_refuses_mixed_devices():
+    absmax = random_weight((4096,), 0.05, torch.float32, 11).abs() + 0.01
+    codes, scales, offset = Q.double_quantize_absmax(absmax)
+    on_meta = Q.dequantize_absmax(codes.to("meta"), scales.to("meta"), offset.to("meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == absmax.shape  # no CPU table mixed in
+    with pytest.raises(ValueError, match="one device"):
+        Q.dequantize_absmax(codes, scales.to("meta"), offset)

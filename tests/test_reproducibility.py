@@ -30,19 +30,24 @@ def probe(**environ: str) -> list[str]:
     return result.stdout.split()
 
 
-def test_importing_helpers_pins_the_cpu_numerics_before_torch():
-    capability, threads, _, _ = probe()
+@pytest.fixture(scope="module")
+def pinned_and_default() -> tuple[list[str], list[str]]:
+    """One fresh interpreter with the pins as helpers sets them, one with other values already in the environment."""
+    return probe(), probe(ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+
+
+def test_importing_helpers_pins_the_cpu_numerics_before_torch(pinned_and_default):
+    capability, threads, _, _ = pinned_and_default[0]
     assert capability == "AVX2" and threads == "2"
 
 
-def test_a_value_already_in_the_environment_wins():
-    capability, threads, _, _ = probe(ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
-    assert capability == "DEFAULT" and threads == "1"
+def test_a_value_already_in_the_environment_wins(pinned_and_default):
+    capability, threads, _, _ = pinned_and_default[1]
+    assert capability == "DEFAULT" and threads == "1"  # and MKL follows OMP_NUM_THREADS
 
 
-def test_portable_randn_is_the_same_under_every_capability_and_torch_randn_is_not():
-    _, _, portable_pinned, drawn_pinned = probe()
-    _, _, portable_default, drawn_default = probe(ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+def test_portable_randn_is_the_same_under_every_capability_and_torch_randn_is_not(pinned_and_default):
+    (_, _, portable_pinned, drawn_pinned), (_, _, portable_default, drawn_default) = pinned_and_default
     assert portable_pinned == portable_default
     assert drawn_pinned != drawn_default  # why the notebooks do not use torch.randn for data they print about
 

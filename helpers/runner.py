@@ -387,17 +387,30 @@ def main(argv: list[str] | None = None) -> int:
 def default_jobs(cpu_count: int | None) -> int:
     """How many notebooks ``run``/``refresh`` execute at once: 2 where there are 2 cores or more, else 1 (pure).
 
-    Each kernel uses the pinned 2 threads whatever runs beside it, so the outputs are the same either way; much of
-    a notebook's time is single-threaded (imports, Python loops, small tensors), so two at a time finish sooner.
+    Much of a notebook's time is single-threaded (imports, Python loops, small tensors), so two kernels side by side
+    finish sooner, each with its share of the pinned threads (``kernel_threads``).
     """
     return 2 if (cpu_count or 1) >= 2 else 1
 
 
-def _execute_one(path: Path, target: Path) -> tuple[str, str, float, str | None]:
+def kernel_threads(jobs: int, pinned: int) -> int:
+    """Threads per kernel when ``jobs`` kernels run side by side: the pinned count shared out, at least 1 (pure).
+
+    Two kernels with 2 busy-waiting OpenMP threads each on 2 cores took 229 s for ``make run``; with 1 thread each,
+    100 s. The outputs do not depend on the thread count: ``make portability`` runs every notebook on 1 and on 3
+    threads and compares every output with the committed one (recorded on 2).
+    """
+    if jobs < 1 or pinned < 1:
+        raise ValueError(f"jobs and pinned threads must be at least 1, got {jobs} and {pinned}")
+    return max(1, pinned // jobs)
+
+
+def _execute_one(path: Path, target: Path, threads: int) -> tuple[str, str, float, str | None]:
     """Execute one notebook (in a worker process); return (name, summary, seconds, error or None)."""
     started = time.time()
+    kernel_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     try:
-        notebook = execute(path, target)
+        notebook = execute(path, target, kernel_env=kernel_env)
     except Exception as error:  # report every notebook, then fail
         return path.name, "", time.time() - started, f"{type(error).__name__}: {str(error)[-2000:]}"
     return path.name, summary_of(notebook).rstrip() or "(no summary cell)", time.time() - started, None
@@ -409,10 +422,13 @@ def execute_all(chosen: list[Path], in_place: bool, jobs: int) -> int:
 
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    import helpers
+
     targets = [path if in_place else BUILD_DIR / path.name for path in chosen]
+    threads = kernel_threads(jobs, int(os.environ.get("OMP_NUM_THREADS", helpers.PINNED_CPU_NUMERICS["OMP_NUM_THREADS"])))
     started = time.time()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        outcomes = pool.map(_execute_one, chosen, targets)
+        outcomes = pool.map(_execute_one, chosen, targets, [threads] * len(chosen))
         failures = 0
         for (name, summary, seconds, error), target in zip(outcomes, targets):
             print(f"=== {name}", flush=True)
@@ -423,7 +439,7 @@ def execute_all(chosen: list[Path], in_place: bool, jobs: int) -> int:
             print(summary)
             print(f"--- executed in {seconds:.0f} s -> {os.path.relpath(target, REPO_ROOT)}\n", flush=True)
     print(f"{len(chosen) - failures} notebooks executed, {failures} failed, in {time.time() - started:.0f} s "
-          f"({jobs} at a time)")
+          f"({jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each)")
     return 1 if failures else 0
 
 

@@ -139,5 +139,12 @@ def test_execute_all_runs_notebooks_side_by_side_and_reports_in_order(tmp_path, 
     assert runner.execute_all(paths, in_place=True, jobs=2) == 0
     out = capsys.readouterr().out
     assert out.index("=== 01_tiny.ipynb\nsummary 1") < out.index("=== 02_tiny.ipynb\nsummary 2")
-    assert "2 notebooks executed, 0 failed" in out and "(2 at a time)" in out
+    assert "2 notebooks executed, 0 failed" in out and "(2 at a time, " in out
     assert nbformat.read(paths[1], as_version=4).cells[0].outputs[0]["text"] == "summary 2\n"
+
+
+def test_kernels_side_by_side_share_the_pinned_threads():
+    assert [runner.kernel_threads(jobs, 2) for jobs in (1, 2, 3)] == [2, 1, 1]
+    assert runner.kernel_threads(2, 8) == 4
+    with pytest.raises(ValueError, match="at least 1"):
+        runner.kernel_threads(0, 2)

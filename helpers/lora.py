@@ -504,7 +504,7 @@ def training_settings(profile_name: str, compute_dtype: torch.dtype, on_gpu: boo
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {compute_dtype!r}")
     if profile_name == "tiny":
-        steps, batch_size, learning_rate = 60, 8, 2e-3
+        steps, batch_size, learning_rate = 30, 8, 2e-3
         why_rate = "2e-3: the tiny Llama has 6.8M parameters and learns the format in a few dozen steps"
     elif profile_name in ("llama-3.2-3b", "llama-3.1-8b"):
         steps, batch_size, learning_rate = 60, 4, 2e-4

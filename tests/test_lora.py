@@ -361,17 +361,19 @@ def test_finetuning_memory_rejects_bad_input():
 # ----------------------------------------------------------------------------- notebook 06's run, per profile
 
 
-@pytest.mark.parametrize("profile_name,dtype,on_gpu,rate,scaling,checkpointing", [
-    ("tiny", torch.float32, False, 2e-3, False, False),
-    ("tiny", torch.bfloat16, True, 2e-3, False, True),
-    ("llama-3.2-3b", torch.float16, True, 2e-4, True, True),  # a T4
-    ("llama-3.1-8b", torch.bfloat16, True, 2e-4, False, True),  # an A100
+@pytest.mark.parametrize("profile_name,dtype,on_gpu,rate,scaling,checkpointing,steps", [
+    ("tiny", torch.float32, False, 2e-3, False, False, 30),
+    ("tiny", torch.bfloat16, True, 2e-3, False, True, 30),
+    ("llama-3.2-3b", torch.float16, True, 2e-4, True, True, 60),  # a T4
+    ("llama-3.1-8b", torch.bfloat16, True, 2e-4, False, True, 60),  # an A100
 ])
-def test_training_settings_per_profile_and_hardware(profile_name, dtype, on_gpu, rate, scaling, checkpointing):
+def test_training_settings_per_profile_and_hardware(profile_name, dtype, on_gpu, rate, scaling, checkpointing, steps):
     settings = lora.training_settings(profile_name, dtype, on_gpu)
     assert (settings.learning_rate, settings.loss_scaling, settings.gradient_checkpointing) == (rate, scaling, checkpointing)
-    assert settings.warmup_steps == settings.steps // 10 == 6
-    assert [settings.learning_rate_at(step) for step in (0, 5, 6, 59)] == pytest.approx([rate / 6, rate, rate, rate])
+    warmup = steps // 10
+    assert (settings.steps, settings.warmup_steps) == (steps, warmup)
+    assert [settings.learning_rate_at(step) for step in (0, warmup - 1, warmup, steps - 1)] == pytest.approx(
+        [rate / warmup, rate, rate, rate])
     assert len(settings.reasons) == 3 and ("loss scaling on" in settings.reasons[1]) == scaling
 
 

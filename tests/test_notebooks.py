@@ -105,3 +105,16 @@ def test_memory_plan_printed_before_the_first_model_load(path):
         or plan_at < load_at
     plan_output = "".join(o.get("text", "") for o in code_cells(read(path))[plan_at].outputs)
     assert f"Memory plan for {path.stem}" in plan_output and "fits this machine: True" in plan_output
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_random_data_follows_the_device_of_what_it_meets(path):
+    # On a GPU profile the model lives on cuda:0: data made on the CPU and fed to it raises "Expected all tensors to
+    # be on the same device". Random inputs are drawn portably (the same on every CPU) and moved in the same line.
+    for cell in code_cells(read(path)):
+        for line in cell.source.splitlines():
+            if "portable_randn(" in line:
+                assert ".to(" in line, f"random data not moved to a device: {line.strip()!r}"
+            assert "torch.randn(" not in line or cell.source.startswith(IGNORE_MARKERS), (
+                f"torch.randn draws other numbers under another CPU instruction set; use "
+                f"environment.portable_randn in compared cells: {line.strip()!r}")

@@ -11,11 +11,9 @@ import logging
 import os
 import platform
 import random
-import re
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +21,7 @@ import torch
 import helpers
 
 from helpers.colab import REPOSITORY_BRANCH, REPOSITORY_NAME, REPOSITORY_URL  # noqa: F401  (named in one place)
+from helpers.colab import in_colab  # noqa: F401  (one definition, importable before torch)
 
 BF16_NATIVE_MIN_CAPABILITY = (8, 0)
 """Ampere (compute capability 8.0) is the first NVIDIA generation with bfloat16 tensor cores."""
@@ -106,10 +105,6 @@ def portable_randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def in_colab() -> bool:
-    return "google.colab" in sys.modules
-
-
 def hub_offline() -> bool:
     """True when the Hugging Face Hub must not be contacted (HF_HUB_OFFLINE set to a true value)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -148,24 +143,6 @@ def print_versions() -> None:
     print(f"{'hardware':>13}: {detect_hardware().describe()}")
     print(f"{'cpu':>13}: {describe_cpu()}")
     print(f"{'colab':>13}: {in_colab()}   hub offline: {hub_offline()}")
-
-
-def requirements_without_torch(requirements: str | Path) -> list[str]:
-    """The pinned requirements minus torch, for machines whose CUDA build of torch must stay (Colab, GPU runners)."""
-    lines = Path(requirements).read_text().splitlines()
-    return [line.strip() for line in lines
-            if line.strip() and not line.lstrip().startswith("#")
-            and re.split(r"[=<>!~\[ ;]", line.strip(), maxsplit=1)[0].lower() != "torch"]
-
-
-def install_on_colab(repo_root: Path) -> None:
-    """On Colab, install the course's Hugging Face libraries it lacks or has at other versions; elsewhere nothing.
-
-    Kept for old setup cells; the notebooks call ``helpers.colab.install_on_colab`` before importing this module.
-    """
-    from helpers import colab
-
-    colab.install_on_colab(repo_root)
 
 
 _KNOWN_NOISE = {

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import claims
+
 SCHEMES = ("fp32", "bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4")
 FLOAT_SCHEMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_SCHEMES = ("int8", "nf4", "nf4-dq", "fp4")
@@ -420,7 +422,7 @@ def check_memory_plan(plan: MemoryPlan, profile_name: str) -> None:
     """Print the plan; stop with what to choose instead when it does not fit the device."""
     gpu = "runs on the CPU" if plan.gpu_peak is None else f"GPU peak {plan.gpu_peak / 1e9:.2f} GB"
     print(f"Memory plan for {plan.notebook} with {profile_name}: largest load {plan.largest_scheme}; {gpu}; "
-          f"CPU peak {plan.cpu_peak / 1e9:.2f} GB; fits this machine: {plan.fits}")
+          f"CPU peak {plan.cpu_peak / 1e9:.2f} GB")
     if not plan.fits:
         gpu_limit = "none" if plan.limits.gpu_bytes is None else f"{plan.limits.gpu_bytes / 1e9:.2f} GB"
         raise RuntimeError(
@@ -428,3 +430,4 @@ def check_memory_plan(plan: MemoryPlan, profile_name: str) -> None:
             f"{plan.largest_scheme} load; limits: GPU {gpu_limit}, CPU {plan.limits.cpu_bytes / 1e9:.2f} GB). "
             f"Choose a smaller profile, e.g. PROFILE = 'llama-3.2-3b' on a T4, "
             f"or PROFILE = 'tiny' on any machine.")
+    claims.check("it fits this machine", plan.fits)

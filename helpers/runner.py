@@ -324,7 +324,10 @@ def portability_settings(native_capability: str) -> list[dict[str, str]]:
     instructions) on 1 thread, and with this CPU's own best kernels on 3 threads: if a compared output depended on
     the instruction set or the core count, one of the two would differ from the committed text.
     """
-    native = native_capability.lower()
+    native = str(native_capability).lower()
+    if native not in ("default", "avx2", "avx512"):
+        raise ValueError(f"native_capability must be one of PyTorch's CPU capabilities default, avx2 or avx512, got "
+                         f"{native_capability!r}")
     return [
         {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         {"ATEN_CPU_CAPABILITY": native, "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"},

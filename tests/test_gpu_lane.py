@@ -75,11 +75,11 @@ def test_workflow_is_valid_yaml_naming_the_gpu_test_command():
 
 
 def test_gpu_setup_keeps_the_runners_torch():
-    from helpers.environment import requirements_without_torch
+    from helpers import colab
 
-    packages = requirements_without_torch(REPO_ROOT / "requirements.txt")
-    assert not any(p.lower().startswith("torch") for p in packages)
-    assert any(p.startswith("bitsandbytes==") for p in packages)
+    packages = runner.gpu_setup_pins(colab.read_pins((REPO_ROOT / "requirements.txt").read_text()))
+    assert not any(name.lower().startswith("torch") for name in packages)
+    assert packages["bitsandbytes"] == "0.50.2"
 
 
 @pytest.mark.parametrize("notebook", list(memory.NOTEBOOK_SCHEMES))

@@ -1,6 +1,5 @@
 """The CPU numerics pins, portable random numbers, bitsandbytes' portable path and the portability check's settings."""
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -107,3 +106,8 @@ def test_portability_settings_vary_capability_and_threads():
     assert [s["ATEN_CPU_CAPABILITY"] for s in settings] == ["default", "avx512"]
     threads = {s["OMP_NUM_THREADS"] for s in settings} | {helpers.PINNED_CPU_NUMERICS["OMP_NUM_THREADS"]}
     assert len(threads) == 3 and all(s["OMP_NUM_THREADS"] == s["MKL_NUM_THREADS"] for s in settings)
+
+
+def test_portability_settings_refuse_an_unknown_capability():
+    with pytest.raises(ValueError, match="default, avx2 or avx512, got 'sse4'"):
+        runner.portability_settings("sse4")

@@ -187,6 +187,33 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[PricerItem],
     return train, list(test.values())
 
 
+def catalogue_pages(exclude_prompts: Iterable[str], seed: int, per_page: int = 16) -> list[str]:
+    """Pages of product listings WITHOUT prices, for the tiny base model's pretraining mix.
+
+    A real Llama has read countless product listings before anyone fine-tunes it to price them, so its
+    adapter only has to learn the task, not the domain. This gives the tiny base the same head start: every
+    distinct description (all products in all phrasings) except those of ``exclude_prompts`` (the test
+    split's, so no test text is ever seen), shuffled by ``seed`` and grouped ``per_page`` to a page. Prices,
+    the question and the ``"Price is $"`` answer never appear: those are what the adapter must learn.
+    """
+    if per_page < 1:
+        raise ValueError(f"per_page must be at least 1, got {per_page}.")
+    excluded = set(exclude_prompts)
+    descriptions = []
+    for category in CATEGORY_BASE_PRICE:
+        for material in MATERIAL_PERCENT:
+            for size in SIZE_PERCENT:
+                for brand_tier in BRAND_TIER_PERCENT:
+                    for color in COLORS:
+                        product = Product(category, material, size, brand_tier, color)
+                        for template_index in range(len(_DESCRIPTION_TEMPLATES)):
+                            description = describe(product, template_index)
+                            if make_prompt(description) not in excluded:
+                                descriptions.append(description)
+    random.Random(seed).shuffle(descriptions)
+    return ["\n\n".join(descriptions[i : i + per_page]) for i in range(0, len(descriptions), per_page)]
+
+
 #: Where the shipped splits live, found from this file so notebooks and scripts agree from any directory.
 SPLIT_DIR = Path(__file__).resolve().parents[1] / "data" / "pricer"
 #: The settings that produced the shipped splits (``data/build/make_pricer_data.py`` uses them).

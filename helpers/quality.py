@@ -1,8 +1,16 @@
-"""Output quality: held-out perplexity, next-token agreement with a reference, logit error, greedy text.
+"""Output quality: held-out perplexity, KL divergence and next-token agreement with a reference, greedy text.
 
 A quantized model is compared with its float32 reference on the same tokens. The reference's results are
-kept as small tensors (top-1 ids and a slice of logits), so the reference model itself can be released
-before the next model is loaded: two models never need to be in memory together.
+kept as tensors (top-1 ids, a slice of logits, and the log-probabilities the KL divergence needs), so the
+reference model itself can be released before the next model is loaded: two models never need to be in
+memory together.
+
+Perplexity is exp of the mean negative log-likelihood of the true next token: the number of equally likely
+tokens the model is, on average, choosing between. The KL divergence from the reference,
+KL(P_ref || P_q) = sum over the vocabulary of p_ref * (log p_ref - log p_q), averaged over predicted positions,
+compares the whole next-token distribution rather than only the true token's probability, so it sees damage
+that perplexity averages away (a quantized model can be more confident on some tokens and less on others and
+keep the same perplexity). It is 0 exactly when the two distributions agree, and it is in nats per token.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int) -> torch.
     return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
 
 
+KL_LOG_PROBS_MAX_BYTES = 256 * 10**6
+"""At most this many bytes of reference log-probabilities are kept on the CPU for the KL divergence: all of them
+for the tiny model (4,096-token vocabulary), the first windows only for a 128k-vocabulary Llama."""
+
+
 @dataclass
 class EvalResult:
     """What a model predicted on the evaluation windows."""
@@ -46,13 +59,42 @@ class EvalResult:
     top1: torch.Tensor  # (windows, seq_len) argmax token ids
     logits_sample: torch.Tensor  # float32 logits of the first window, kept for logit-error comparisons
     tokens: int
+    log_probs: torch.Tensor | None = None  # (kl_windows, seq_len, vocab) float32, kept by a reference run
+    kl_divergence: float | None = None  # mean KL(reference || this model) in nats per token, when compared
+
+
+def kl_windows_to_keep(windows: torch.Tensor, vocab_size: int, max_bytes: int = KL_LOG_PROBS_MAX_BYTES) -> int:
+    """How many leading windows' log-probabilities fit in ``max_bytes`` (at least one)."""
+    per_window = (windows.shape[1] - 1) * vocab_size * 4
+    return max(1, min(windows.shape[0], max_bytes // per_window))
+
+
+def kl_divergence(reference_log_probs: torch.Tensor, candidate_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || P_q) per position, in nats: the sum over the last (vocabulary) dimension.
+
+    Both arguments are log-probabilities (``log_softmax`` of the logits) of the same shape.
+    """
+    if reference_log_probs.shape != candidate_log_probs.shape:
+        raise ValueError(f"log-probabilities differ in shape: {tuple(reference_log_probs.shape)} vs "
+                         f"{tuple(candidate_log_probs.shape)}; evaluate both models on the same windows")
+    return (reference_log_probs.exp() * (reference_log_probs - candidate_log_probs)).sum(-1)
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH_WINDOWS) -> EvalResult:
-    """Perplexity and top-1 predictions of ``model`` on ``windows`` (from ``token_windows``)."""
+def evaluate(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH_WINDOWS, keep_log_probs: bool = False,
+             reference: EvalResult | None = None) -> EvalResult:
+    """Perplexity and top-1 predictions of ``model`` on ``windows`` (from ``token_windows``).
+
+    ``keep_log_probs=True`` (for the reference model) keeps the log-probabilities of the first windows, as many as
+    ``KL_LOG_PROBS_MAX_BYTES`` allows; pass that result as ``reference`` when evaluating a quantized model to get
+    its mean KL divergence from the reference over those windows.
+    """
+    if reference is not None and reference.log_probs is None:
+        raise ValueError("the reference result holds no log-probabilities: evaluate it with keep_log_probs=True")
     device = model_device(model)
-    nll, count, top1, sample = 0.0, 0, [], None
+    nll, count, top1, sample, kept, kl_sum, kl_count = 0.0, 0, [], None, [], 0.0, 0
+    n_keep = None
+    seen = 0
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch[:, :-1]).logits.float()
@@ -62,16 +104,35 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH_WINDOWS)
         top1.append(logits.argmax(-1).cpu())
         if sample is None:
             sample = logits[0].cpu()
-    return EvalResult(perplexity=math.exp(nll / count), top1=torch.cat(top1), logits_sample=sample, tokens=count)
+        if n_keep is None:
+            n_keep = (kl_windows_to_keep(windows, logits.shape[-1]) if reference is None
+                      else reference.log_probs.shape[0])
+        take = max(0, min(len(batch), n_keep - seen))
+        if take:
+            log_probs = torch.log_softmax(logits[:take], dim=-1).cpu()
+            if keep_log_probs:
+                kept.append(log_probs)
+            if reference is not None:
+                per_position = kl_divergence(reference.log_probs[seen : seen + take], log_probs)
+                kl_sum += per_position.sum().item()
+                kl_count += per_position.numel()
+        seen += len(batch)
+    return EvalResult(perplexity=math.exp(nll / count), top1=torch.cat(top1), logits_sample=sample, tokens=count,
+                      log_probs=torch.cat(kept) if kept else None,
+                      kl_divergence=kl_sum / kl_count if reference is not None else None)
 
 
 def compare_with_reference(reference: EvalResult, candidate: EvalResult) -> dict[str, float]:
-    """Top-1 agreement (share of positions where both pick the same next token) and relative logit error."""
+    """Top-1 agreement (share of positions where both pick the same next token), relative logit error, and the
+    KL divergence when ``candidate`` was evaluated with ``reference=``."""
     if reference.top1.shape != candidate.top1.shape:
         raise ValueError("reference and candidate were evaluated on different windows; use the same `windows`")
     agreement = (reference.top1 == candidate.top1).float().mean().item()
     error = (candidate.logits_sample - reference.logits_sample).norm() / reference.logits_sample.norm()
-    return {"perplexity": candidate.perplexity, "top1_agreement": agreement, "relative_logit_error": error.item()}
+    result = {"perplexity": candidate.perplexity, "top1_agreement": agreement, "relative_logit_error": error.item()}
+    if candidate.kl_divergence is not None:
+        result["kl_divergence"] = candidate.kl_divergence
+    return result
 
 
 def unigram_perplexity(tokenizer, text: str) -> float:

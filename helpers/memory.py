@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from helpers import claims
+from helpers.environment import T4
 
 SCHEMES = ("fp32", "bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4")
 FLOAT_SCHEMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -274,9 +275,9 @@ class MemorySnapshot:
     gpu_peak: int | None
 
     def line(self) -> str:
-        text = f"{self.label:<22} tensors {self.tensors / 2**20:9.2f} MiB | process RSS {self.rss / 2**30:6.2f} GiB"
+        text = f"{self.label:<22} tensors {self.tensors / 1e6:9.2f} MB | process RSS {self.rss / 1e9:6.2f} GB"
         if self.gpu_allocated is not None:
-            text += f" | GPU allocated {self.gpu_allocated / 2**30:6.2f} GiB, peak {self.gpu_peak / 2**30:6.2f} GiB"
+            text += f" | GPU allocated {self.gpu_allocated / 1e9:6.2f} GB, peak {self.gpu_peak / 1e9:6.2f} GB"
         return text
 
 
@@ -333,8 +334,11 @@ def release(*names: str, namespace: dict) -> tuple[MemorySnapshot, MemorySnapsho
 
 
 def format_bytes(n: int) -> str:
-    """Human-readable bytes in binary units (KiB, MiB, GiB)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Human-readable bytes in the course's one unit convention: decimal GB = 10^9, MB = 10^6, kB = 10^3 bytes.
+
+    Model sizes are quoted in GB as the original course and Hugging Face print them. GiB (2^30) appears only where
+    a tool reports it (nvidia-smi's MiB, for example), and then says so."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if abs(n) >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{n:,} B"
@@ -355,7 +359,7 @@ NOTEBOOK_SCHEMES: dict[str, tuple[str, ...]] = {
 EVAL_BATCH_WINDOWS = 2  # windows scored at once by quality.evaluate: with a 128k vocabulary the logits dominate
 EVAL_WINDOW_TOKENS = 256
 EVAL_BATCH_TOKENS = EVAL_BATCH_WINDOWS * EVAL_WINDOW_TOKENS
-CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace, roughly, on a T4 (not model-dependent)
+CUDA_CONTEXT_BYTES = 600 * 10**6  # CUDA context + cuBLAS workspace, roughly, on a T4 (not model-dependent)
 MAX_SHARD_BYTES = 5 * 10**9  # Meta's Llama checkpoints are stored in shards of at most 5 GB
 
 
@@ -365,8 +369,14 @@ class MemoryLimits:
     cpu_bytes: int
 
 
-T4_LIMITS = MemoryLimits(gpu_bytes=15 * 10**9, cpu_bytes=12 * 10**9)
-"""A Colab T4: about 15 GB of GPU memory and 12 GB of system RAM."""
+T4_GPU_BYTES = T4.gpu_memory_bytes
+"""A T4's memory as ``torch.cuda.get_device_properties(0).total_memory`` reports it on Colab (15.83 GB, which
+nvidia-smi shows as 15,095 MiB)."""
+T4_USABLE_BYTES = T4_GPU_BYTES - CUDA_CONTEXT_BYTES
+"""The one definition of "a T4" in the course: what a student can fill with tensors, the total less the CUDA
+context and cuBLAS workspace that every session pays first (15.2 GB)."""
+T4_LIMITS = MemoryLimits(gpu_bytes=T4_GPU_BYTES, cpu_bytes=12 * 10**9)
+"""A Colab T4 session: the T4's total memory (a plan adds the CUDA context to its peak) and about 12 GB of RAM."""
 
 
 @dataclass(frozen=True)

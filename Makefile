@@ -25,6 +25,8 @@ $(STAMP): requirements.txt
 	# torch first and exactly: a bare or open-ended torch requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
 	$(PY) -m pip install --quiet -r requirements.txt
+	# the "#no-deps name==version" lines of requirements.txt: libraries whose declared pins conflict with ours
+	$(PY) -m pip install --quiet --no-deps $$(sed -n 's/^#no-deps //p' requirements.txt)
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,0 +1,213 @@
+"""Group-wise integer weight quantization: round-to-nearest (RTN) and GPTQ, written from scratch.
+
+A weight matrix ``(out_features, in_features)`` is cut along its input dimension into groups of ``group_size``
+columns; every (row, group) gets its own scale (and, asymmetric, its own integer zero point), and every weight
+becomes a ``bits``-bit integer code. The conventions are exactly compressed-tensors' (the format vLLM serves and
+llmcompressor writes), so our results can be compared with theirs bit for bit:
+
+* codes are signed, in ``[-2**(bits-1), 2**(bits-1) - 1]``;
+* the range of each group is widened to include 0 (``min <= 0 <= max``);
+* symmetric: ``scale = max(|min|, |max|) / ((2**bits - 1) / 2)``, no zero point;
+* asymmetric: ``scale = (max - min) / (2**bits - 1)``, ``zero_point = round(clamp(q_min - min / scale))`` (int8);
+* a zero scale becomes the float's machine epsilon (an all-zero group);
+* quantize: ``code = round(clamp(w / scale + zero_point, q_min, q_max))`` (round half to even);
+* dequantize: ``(code - zero_point) * scale``.
+
+GPTQ (Frantar et al., 2022) keeps those scales, computed once from the original weights, and changes which code
+each weight gets: it quantizes one column at a time and pushes that column's rounding error onto the columns not
+quantized yet, weighted by the inverse Hessian of the layer objective ``||W X - W_hat X||^2``. With an identity
+Hessian (uncorrelated inputs) nothing is pushed and GPTQ is RTN exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+SUPPORTED_BITS = tuple(range(2, 9))
+DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ZERO_POINT_DTYPE = torch.int8
+CODE_DTYPE = torch.int8
+
+GPTQ_BLOCK_SIZE = 128
+"""Columns quantized together before their accumulated error is pushed to the rest at once (lazy batch updates)."""
+GPTQ_DAMPING = 0.01
+"""Fraction of the Hessian's mean diagonal added to its diagonal, so that it can be inverted (1%)."""
+
+
+class GroupwiseQuantized(NamedTuple):
+    """One weight matrix quantized group-wise: what would be stored.
+
+    codes: int8 ``(out, in)``, each in ``[-2**(bits-1), 2**(bits-1) - 1]``; scales: ``(out, in // group_size)`` in the
+    weight's dtype; zero_points: int8 like ``scales`` (asymmetric), None (symmetric: zero is code 0).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None
+    bits: int
+    group_size: int
+    symmetric: bool
+    shape: tuple[int, int]
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """The smallest and largest signed code of ``bits`` bits (compressed-tensors' ``calculate_range`` for ints)."""
+    _check_bits(bits)
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be an int from {SUPPORTED_BITS[0]} to {SUPPORTED_BITS[-1]}, got {bits!r}")
+    return bits
+
+
+def _check_weight(weight: object, group_size: object) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor (the unquantized weights), got {weight.dtype}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if weight.shape[1] % group_size != 0:
+        raise ValueError(f"in_features ({weight.shape[1]}) must be a multiple of group_size ({group_size}); "
+                         f"choose a group_size that divides it")
+
+
+def _check_symmetric(symmetric: object) -> bool:
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+    return symmetric
+
+
+def group_qparams(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales ``(out, groups)`` (weight dtype) and zero points (int8, or None when symmetric) from each group's range.
+
+    Same arithmetic, in the same order, as compressed-tensors' ``calculate_qparams`` on min/max observations.
+    """
+    _check_bits(bits)
+    _check_weight(weight, group_size)
+    _check_symmetric(symmetric)
+    groups = weight.unflatten(-1, (-1, group_size))
+    low = torch.amin(groups, dim=-1)
+    high = torch.amax(groups, dim=-1)
+    low = torch.min(low, torch.zeros_like(low))  # 0 must be representable exactly
+    high = torch.max(high, torch.zeros_like(high))
+    q_min, q_max = code_range(bits)
+    code_span = torch.tensor(float(q_max - q_min), dtype=weight.dtype)
+    if symmetric:
+        scales = torch.max(low.abs(), high.abs()) / (code_span / 2)
+        zero_points = None
+    else:
+        scales = (high - low) / code_span
+        zero_points = (q_min - low / scales).clamp(q_min, q_max)
+    scales = torch.where(scales == 0, torch.tensor(torch.finfo(weight.dtype).eps, dtype=weight.dtype), scales)
+    if zero_points is not None:
+        zero_points = torch.round(torch.nan_to_num(zero_points, nan=0.0)).to(ZERO_POINT_DTYPE)
+    return scales, zero_points
+
+
+def _expand(per_group: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(out, groups)`` -> ``(out, groups * group_size)``: each group's value repeated over its columns."""
+    return per_group.repeat_interleave(group_size, dim=-1)
+
+
+def quantize_with(weight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int
+                  ) -> torch.Tensor:
+    """Codes (same dtype as ``weight``, integer-valued) for weights whose scales/zero points are already expanded to
+    the weight's shape: ``round(clamp(w / scale + zero_point))``, compressed-tensors' order of operations."""
+    q_min, q_max = code_range(bits)
+    scaled = weight / scales
+    if zero_points is not None:
+        scaled = scaled + zero_points.to(weight.dtype)
+    return torch.round(torch.clamp(scaled, q_min, q_max))
+
+
+def dequantize_with(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None) -> torch.Tensor:
+    """``(code - zero_point) * scale`` in the scales' dtype, with everything already expanded to one shape."""
+    values = codes.to(scales.dtype)
+    if zero_points is not None:
+        values = values - zero_points.to(scales.dtype)
+    return values * scales
+
+
+def quantize_groupwise(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> GroupwiseQuantized:
+    """Round-to-nearest group-wise quantization of a 2-D weight: the baseline every other method is measured against.
+
+    >>> q = quantize_groupwise(torch.tensor([[-7.5, 3.75, -2.5, 7.5]]), bits=4, group_size=4, symmetric=True)
+    >>> q.codes.tolist(), q.scales.tolist()
+    ([[-8, 4, -2, 7]], [[1.0]])
+    """
+    scales, zero_points = group_qparams(weight, bits, group_size, symmetric)
+    codes = quantize_with(weight, _expand(scales, group_size),
+                          None if zero_points is None else _expand(zero_points, group_size), bits)
+    return GroupwiseQuantized(codes.to(CODE_DTYPE), scales, zero_points, bits, group_size, symmetric,
+                              (int(weight.shape[0]), int(weight.shape[1])))
+
+
+def dequantize_groupwise(q: GroupwiseQuantized) -> torch.Tensor:
+    """The weight the quantized model really multiplies by: ``(code - zero_point) * scale``, in the scales' dtype."""
+    if not isinstance(q, GroupwiseQuantized):
+        raise TypeError(f"expected a GroupwiseQuantized, got {type(q).__name__}")
+    zero_points = None if q.zero_points is None else _expand(q.zero_points, q.group_size)
+    return dequantize_with(q.codes, _expand(q.scales, q.group_size), zero_points)
+
+
+def stored_bytes(q: GroupwiseQuantized) -> float:
+    """Bytes of what must be stored: codes at ``bits`` bits each, scales and zero points at their tensors' dtypes."""
+    if not isinstance(q, GroupwiseQuantized):
+        raise TypeError(f"expected a GroupwiseQuantized, got {type(q).__name__}")
+    total_bits = q.codes.numel() * q.bits + q.scales.numel() * q.scales.element_size() * 8
+    if q.zero_points is not None:
+        total_bits += q.zero_points.numel() * q.zero_points.element_size() * 8
+    return total_bits / 8
+
+
+def stored_bits_per_weight(q: GroupwiseQuantized) -> float:
+    """True bits per weight, scales and zero points included, counted from the stored tensors."""
+    return stored_bytes(q) * 8 / q.codes.numel()
+
+
+def bits_per_weight_formula(bits: int, group_size: int, symmetric: bool, scale_bits: int = 32,
+                            zero_point_bits: int = 8) -> float:
+    """What ``stored_bits_per_weight`` must give: ``bits + (scale_bits [+ zero_point_bits]) / group_size``."""
+    return bits + (scale_bits + (0 if symmetric else zero_point_bits)) / group_size
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear inside a decoder layer (q/k/v/o, gate/up/down), by name, in model order.
+
+    Embeddings and lm_head are not in decoder layers and stay as they are, as in llmcompressor's usual recipes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and ".layers." in f".{name}" and name.rsplit(".", 1)[-1]
+             in DECODER_LINEAR_NAMES]
+    if not found:
+        raise ValueError("the model has no decoder-layer nn.Linear (q_proj ... down_proj): already quantized by "
+                         "another library, or not a Llama-architecture model?")
+    return found
+
+
+@torch.no_grad()
+def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: bool) -> float:
+    """Replace every decoder-layer Linear weight by its round-to-nearest dequantized value, in place.
+
+    Returns the true bits per weight over those weights (codes + scales + zero points, as stored).
+    """
+    _check_bits(bits)
+    _check_symmetric(symmetric)
+    stored, count = 0.0, 0
+    for _, module in decoder_linears(model):
+        q = quantize_groupwise(module.weight.data, bits, group_size, symmetric)
+        module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
+        stored += stored_bytes(q)
+        count += module.weight.numel()
+    return stored * 8 / count

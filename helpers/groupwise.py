@@ -21,7 +21,8 @@ Hessian (uncorrelated inputs) nothing is pushed and GPTQ is RTN exactly.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -211,3 +212,102 @@ def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: b
         stored += stored_bytes(q)
         count += module.weight.numel()
     return stored * 8 / count
+
+
+# --- GPTQ ---------------------------------------------------------------------------------------------------
+
+
+def gptq_hessian(inputs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The Hessian of the layer objective ``||W X - W_hat X||^2`` with respect to a row of W: ``2 X^T X``, averaged
+    over calibration samples, in float32.
+
+    ``inputs``: what the layer received, one tensor per forward call, shaped ``(batch, tokens, in_features)`` or
+    ``(tokens, in_features)``. Like llmcompressor, the sum of ``2 x^T x`` over every token is divided by the number
+    of sequences (not tokens): a constant factor, which damping (relative to the mean diagonal) does not see.
+    """
+    hessian, samples = None, torch.zeros(())
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim not in (2, 3):
+            raise TypeError("each calibration input must be a floating-point tensor (batch, tokens, features) or "
+                            f"(tokens, features), got {getattr(x, 'shape', type(x).__name__)}")
+        if x.ndim == 2:
+            x = x.unsqueeze(0)
+        if hessian is None:
+            hessian = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+        elif x.shape[-1] != hessian.shape[0]:
+            raise ValueError(f"calibration inputs disagree on in_features: {x.shape[-1]} vs {hessian.shape[0]}")
+        samples += x.shape[0]
+        columns = math.sqrt(2) * x.reshape(-1, x.shape[-1]).t().to(torch.float32)  # (features, tokens)
+        hessian += columns.matmul(columns.t())
+    if hessian is None:
+        raise ValueError("no calibration inputs: GPTQ needs at least one batch of the layer's inputs")
+    return hessian / samples
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING) -> torch.Tensor:
+    """The upper Cholesky factor U of ``(H + damping * mean(diag H) * I)^-1``: row i of U, divided by ``U[i, i]``,
+    says how the error made on column i is spread over the columns after it.
+
+    Columns whose inputs were always zero (``H[i, i] == 0``) get a 1 on the diagonal (their weights are irrelevant).
+    """
+    if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be a square 2-D tensor, got {getattr(hessian, 'shape', hessian)!r}")
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
+        raise ValueError(f"damping must be a number >= 0 (a fraction of the mean diagonal, 0.01 = 1%), got {damping!r}")
+    h = hessian.to(torch.float32).clone()
+    diagonal = torch.diagonal(h)
+    diagonal.masked_fill_(diagonal == 0, 1.0)
+    diagonal.add_(damping * torch.mean(torch.diag(h)))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError("the damped Hessian is not positive definite: raise damping or give more calibration data")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  block_size: int = GPTQ_BLOCK_SIZE, damping: float = GPTQ_DAMPING) -> GroupwiseQuantized:
+    """GPTQ: quantize ``weight`` column by column, pushing each column's rounding error onto the columns not yet
+    quantized so that the layer's output on the calibration inputs (summarised by ``hessian``) changes least.
+
+    Scales and zero points are RTN's, from the original weights (static groups); only the codes change. Columns go
+    in their natural order; the error of a block of ``block_size`` columns reaches the later columns in one
+    matrix product (lazy batch updates: the same result, fewer memory passes).
+    """
+    scales, zero_points = group_qparams(weight, bits, group_size, symmetric)
+    columns = weight.shape[1]
+    if tuple(hessian.shape) != (columns, columns):
+        raise ValueError(f"hessian must be ({columns}, {columns}) for a weight with {columns} input features, "
+                         f"got {tuple(hessian.shape)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    u = inverse_hessian_factor(hessian, damping)
+    w = weight.to(torch.float32).clone()
+    w[:, torch.diag(hessian) == 0] = 0  # inputs always zero: nothing to preserve
+    column_scales = _expand(scales, group_size).to(torch.float32)
+    column_zeros = None if zero_points is None else _expand(zero_points, group_size).to(torch.float32)
+    codes = torch.empty(w.shape, dtype=CODE_DTYPE)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            column = start + i
+            zero = None if column_zeros is None else column_zeros[:, column]
+            code = quantize_with(block[:, i], column_scales[:, column], zero, bits)
+            quantized = dequantize_with(code, column_scales[:, column], zero)
+            codes[:, column] = code.to(CODE_DTYPE)
+            errors[:, i] = (block[:, i] - quantized) / u[column, column]
+            # the columns after i in this block absorb the error now
+            block[:, i + 1:] -= errors[:, i].unsqueeze(1) * u[column, column + 1:end].unsqueeze(0)
+        # the columns after the block absorb the whole block's error in one product
+        w[:, end:] -= errors.matmul(u[start:end, end:])
+    return GroupwiseQuantized(codes, scales, zero_points, bits, group_size, symmetric,
+                              (int(weight.shape[0]), int(weight.shape[1])))
+
+
+def layer_objective(weight: torch.Tensor, quantized_weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``trace((W - W_hat) H (W - W_hat)^T)``: the layer's output error ``||W X - W_hat X||^2`` on the calibration
+    inputs (scaled as the Hessian is), computed from the Hessian alone."""
+    delta = (weight - quantized_weight).to(torch.float64)
+    return float(torch.einsum("ij,jk,ik->", delta, hessian.to(torch.float64), delta))

@@ -9,6 +9,10 @@ from helpers.groupwise import (
     GroupwiseQuantized,
     bits_per_weight_formula,
     dequantize_groupwise,
+    gptq_hessian,
+    gptq_quantize,
+    inverse_hessian_factor,
+    layer_objective,
     quantize_groupwise,
     round_to_nearest_,
     stored_bits_per_weight,
@@ -140,6 +144,114 @@ def test_round_to_nearest_replaces_exactly_the_decoder_linears():
             assert torch.equal(parameter, expected), name
         else:  # embeddings, norms, lm_head
             assert torch.equal(parameter, before[name]), name
+
+
+# --- GPTQ ---------------------------------------------------------------------------------------------------
+
+
+def correlated_inputs(columns, sequences, seed, tokens=24):
+    """Calibration inputs whose features are correlated (a random mixing), as a real layer's are."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5 + torch.eye(columns)
+    return [torch.randn(1, tokens, columns, generator=generator) @ mixing for _ in range(sequences)]
+
+
+GPTQ_CASES = [  # rows, columns, group_size, bits, symmetric, sequences, block_size
+    (64, 256, 64, 4, True, 4, 128),
+    (48, 192, 32, 3, False, 3, 128),  # a last block narrower than block_size
+    (32, 128, 64, 2, False, 5, 32),
+    (16, 128, 16, 8, True, 2, 64),
+]
+
+
+@pytest.mark.parametrize("rows, columns, group_size, bits, symmetric, sequences, block_size", GPTQ_CASES)
+def test_gptq_equals_llmcompressor_bit_for_bit(rows, columns, group_size, bits, symmetric, sequences, block_size):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    weight = random_weight(rows, columns, seed=rows)
+    inputs = correlated_inputs(columns, sequences, seed=columns)
+    # the library's Hessian, accumulated by its own calibration hook function
+    layer = nn.Linear(columns, rows, bias=False)
+    hessian, samples = make_empty_hessian(layer), torch.zeros(())
+    for x in inputs:
+        hessian, samples = accumulate_hessian(x, layer, hessian, samples)
+    hessian = hessian / samples
+    assert torch.equal(gptq_hessian(inputs), hessian)
+    # the library's GPTQ (natural column order: actorder=None), with its observer's static group scales
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, group_size=group_size, strategy="group",
+                            actorder=None)
+    groups = weight.unflatten(-1, (-1, group_size))
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    expected, _, fell_back_to_rtn = quantize_weight(weight.unsqueeze(0).clone(), hessian.unsqueeze(0).clone(),
+                                                    scale.unsqueeze(0), zero_point.unsqueeze(0), None, args,
+                                                    blocksize=block_size, percdamp=0.01)
+    assert not bool(fell_back_to_rtn)
+    q = gptq_quantize(weight, gptq_hessian(inputs), bits, group_size, symmetric, block_size=block_size)
+    assert torch.equal(dequantize_groupwise(q), expected[0])
+    assert torch.equal(q.scales, scale)
+
+
+def test_gptq_with_an_identity_hessian_is_round_to_nearest_exactly():
+    weight = random_weight(32, 256, seed=3)
+    for bits, symmetric in ((2, True), (3, False), (4, True), (8, False)):
+        rtn = quantize_groupwise(weight, bits, 64, symmetric)
+        gptq = gptq_quantize(weight, torch.eye(256), bits, 64, symmetric)
+        assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scales, rtn.scales)
+    # uncorrelated calibration inputs give a Hessian that is a multiple of the identity: the same result
+    hessian = gptq_hessian([torch.eye(256).unsqueeze(0)])
+    assert torch.equal(hessian, hessian[0, 0] * torch.eye(256)) and float(hessian[0, 0]) == pytest.approx(2.0)
+    assert torch.equal(gptq_quantize(weight, hessian, 3, 64, False).codes, quantize_groupwise(weight, 3, 64, False).codes)
+
+
+def test_gptq_is_never_worse_than_round_to_nearest_on_correlated_inputs():
+    for seed in range(4):
+        weight = random_weight(32, 64, seed=seed)
+        hessian = gptq_hessian(correlated_inputs(64, sequences=2, seed=100 + seed))
+        for bits in (2, 3, 4):
+            for symmetric in (True, False):
+                rtn = dequantize_groupwise(quantize_groupwise(weight, bits, 16, symmetric))
+                gptq = dequantize_groupwise(gptq_quantize(weight, hessian, bits, 16, symmetric, block_size=32))
+                assert layer_objective(weight, gptq, hessian) <= layer_objective(weight, rtn, hessian)
+
+
+def test_layer_objective_is_the_output_error_on_the_calibration_inputs():
+    inputs = correlated_inputs(64, sequences=3, seed=7)
+    weight = random_weight(16, 64, seed=7)
+    rtn = dequantize_groupwise(quantize_groupwise(weight, 3, 16, True))
+    direct = sum(float(((x @ (weight - rtn).t()).double()).square().sum()) for x in inputs) * 2 / len(inputs)
+    assert layer_objective(weight, rtn, gptq_hessian(inputs)) == pytest.approx(direct, rel=1e-5)
+
+
+def test_dead_input_columns_are_zeroed_and_the_factor_is_upper_triangular():
+    hessian = gptq_hessian(correlated_inputs(32, sequences=2, seed=1))
+    hessian[5, :] = 0
+    hessian[:, 5] = 0
+    weight = random_weight(8, 32)
+    q = gptq_quantize(weight, hessian, 4, 16, False)
+    assert torch.equal(dequantize_groupwise(q)[:, 5], torch.zeros(8))
+    factor = inverse_hessian_factor(hessian)
+    assert torch.equal(factor, torch.triu(factor))
+
+
+def test_gptq_bad_input_says_what_was_wrong():
+    weight = random_weight(8, 32)
+    with pytest.raises(ValueError, match=r"hessian must be \(32, 32\)"):
+        gptq_quantize(weight, torch.eye(16), 4, 16, True)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        gptq_quantize(weight, torch.eye(32), 4, 16, True, block_size=0)
+    with pytest.raises(ValueError, match="damping must be a number >= 0"):
+        gptq_quantize(weight, torch.eye(32), 4, 16, True, damping=-1)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(weight, -torch.eye(32), 4, 16, True, damping=0)
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        gptq_hessian([])
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        gptq_hessian([torch.ones(2, 3, 4, 5)])
+    with pytest.raises(ValueError, match="disagree on in_features"):
+        gptq_hessian([torch.ones(3, 4), torch.ones(3, 5)])
 
 
 # --- bad input ------------------------------------------------------------------------------------------------

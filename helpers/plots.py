@@ -49,3 +49,88 @@ def grouped_bar_chart(groups: dict[str, dict[str, float]], title: str, ylabel: s
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     plt.show()
+
+
+def levels_over_histogram(values, tables: dict, title_format: str, xlabel: str, bins: int = 120):
+    """One histogram of ``values`` per table, with the table's entries drawn over it as vertical lines.
+
+    ``tables`` maps a name (e.g. "NF4") to its 1-D tensor of levels; ``title_format`` is formatted with ``name=``.
+    """
+    if not tables:
+        raise ValueError("levels_over_histogram needs at least one table of levels, e.g. {'NF4': levels}")
+    if len(values) == 0:
+        raise ValueError("levels_over_histogram needs at least one value to histogram")
+    fig, axes = plt.subplots(len(tables), 1, figsize=(8, 2.3 * len(tables)), sharex=True, squeeze=False)
+    for ax, (name, table) in zip(axes[:, 0], tables.items()):
+        ax.hist(values, bins=bins, range=(-1, 1), color="#9aa9bd")
+        ax.vlines(list(table), 0, 1, transform=ax.get_xaxis_transform(), colors="crimson", linewidth=1)
+        ax.set_ylabel("weights")
+        ax.set_title(title_format.format(name=name), fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.tight_layout()
+    plt.show()
+
+
+def labelled_scatter(points: dict[str, tuple[float, float]], title: str, xlabel: str, ylabel: str,
+                     log_x: bool = False, log_y: bool = False):
+    """One labelled point per key: ``{label: (x, y)}``, e.g. each scheme at its size and its quality loss."""
+    if not points:
+        raise ValueError("labelled_scatter needs at least one point")
+    for label, (x, y) in points.items():
+        if (log_x and x <= 0) or (log_y and y <= 0):
+            raise ValueError(f"point {label!r} = ({x}, {y}) cannot go on a log axis; leave it out or use a linear axis")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], s=36, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.show()
+
+
+def per_layer_errors(errors: dict[str, list[float]], difference: tuple[str, str], title: str):
+    """Left: each scheme's relative error per layer, as grouped bars (in %). Right: how much the second scheme of
+    ``difference`` adds to the first's error in each layer, in % of the first's error, each bar labelled."""
+    if not errors:
+        raise ValueError("per_layer_errors needs at least one scheme's errors")
+    layers = {len(values) for values in errors.values()}
+    if len(layers) != 1 or 0 in layers:
+        raise ValueError(f"every scheme needs one error per layer, the same number for all; got lengths {sorted(layers)}")
+    base, other = difference
+    for name in difference:
+        if name not in errors:
+            raise ValueError(f"difference names {name!r}, which is not in errors ({', '.join(errors)})")
+    n_layers = layers.pop()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(errors)
+    for i, (name, values) in enumerate(errors.items()):
+        xs = [layer + (i - (len(errors) - 1) / 2) * width for layer in range(n_layers)]
+        left.bar(xs, [100 * v for v in values], width=width, label=name)
+    left.set_xticks(range(n_layers))
+    left.set_xlabel("decoder layer")
+    left.set_ylabel("relative weight error (%)")
+    left.legend(frameon=False, fontsize=8, loc="lower right")
+    added = [100 * (o / b - 1) for o, b in zip(errors[other], errors[base])]
+    bars = right.bar(range(n_layers), added, color="tab:gray")
+    for bar, value in zip(bars, added):
+        right.annotate(f"{value:+.2f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                       va="bottom" if value >= 0 else "top", fontsize=8)
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xticks(range(n_layers))
+    right.set_xlabel("decoder layer")
+    right.set_ylabel(f"error added, % of {base}'s")
+    right.set_title(f"{other} vs {base}", fontsize=10)
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    plt.show()

@@ -1,7 +1,9 @@
 """LLM.int8 row-wise and NF4 block-wise quantization from scratch, byte for byte as bitsandbytes stores them.
 
-Everything here is plain vectorized PyTorch and never imports bitsandbytes (only the timing helper and the
-two ``*_storage_of`` readers touch bitsandbytes objects, and only ones you pass in). ``tests/test_quantization.py``
+Everything here is plain vectorized PyTorch and never imports bitsandbytes, except where bitsandbytes itself is
+the subject: the timing helper, the two ``*_storage_of`` readers (which touch only objects you pass in), the
+round trips through its ``quantize_4bit``/``dequantize_4bit`` (fake quantization at any block size) and
+``dense_weight_uses`` (what a ``Linear4bit`` materializes while it computes). ``tests/test_quantization.py``
 checks every function against bitsandbytes 0.50.2 on CPU with ``torch.equal``.
 
 What bitsandbytes does, and therefore what these functions reproduce:
@@ -574,3 +576,138 @@ def compare_codes(ours: torch.Tensor, theirs: torch.Tensor, kind: str, device_ty
     allowed = CUDA_CODE_TOLERANCES[kind][0] if device_type == "cuda" else 0.0
     return CodeComparison(kind, device_type, ours.numel(), int((steps > 0).sum()),
                           int(steps.max()) if steps.numel() else 0, allowed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake quantization with bitsandbytes: the weights a 4-bit layer computes with, at any block size.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bnb_4bit_round_trip(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                        double_quant: bool = False) -> tuple[torch.Tensor, int]:
+    """``(dequantized, stored_bytes)``: ``weight`` through bitsandbytes' ``quantize_4bit`` and ``dequantize_4bit``.
+
+    ``dequantized`` has the weight's shape, dtype and device: what a ``Linear4bit`` holding these codes multiplies
+    by. ``stored_bytes`` counts every tensor that would be kept: the packed codes and the quant state (absmax, the
+    16-value table and, with ``double_quant``, the 8-bit scales' own scales, map and offset).
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    _check_weight(weight, BNB_4BIT_INPUT_DTYPES, "bnb_4bit_round_trip")
+    _check_blocksize(blocksize, SUPPORTED_4BIT_BLOCKSIZES, "bnb_4bit_round_trip")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4' (bitsandbytes' two 4-bit tables), got {quant_type!r}.")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}.")
+    packed, state = bnb_functional.quantize_4bit(weight.detach(), blocksize=blocksize, quant_type=quant_type,
+                                                 compress_statistics=double_quant)
+    kept = [packed, state.absmax, state.code]
+    if state.nested:
+        kept += [state.state2.absmax, state.state2.code, state.offset]
+    dequantized = bnb_functional.dequantize_4bit(packed, state).to(weight.dtype)
+    return dequantized, sum(t.nbytes for t in kept)
+
+
+@torch.no_grad()
+def bnb_4bit_round_trip_(model: torch.nn.Module, blocksize: int = 64, quant_type: str = "nf4",
+                         double_quant: bool = False) -> float:
+    """Replace every decoder-layer Linear weight by its bitsandbytes 4-bit round trip, in place (fake quantization).
+
+    The model keeps computing in its own dtype, with the very weights a 4-bit load with this block size would
+    dequantize to, so its quality is the 4-bit model's quality (up to the compute dtype). Returns the true bits
+    per weight over those weights, counted from the stored tensors (``bnb_4bit_round_trip``). The same Linears as
+    ``helpers.groupwise.round_to_nearest_``: q/k/v/o and gate/up/down; embeddings and lm_head stay.
+    """
+    from helpers.groupwise import decoder_linears
+
+    stored, count = 0, 0
+    for _, module in decoder_linears(model):
+        dequantized, stored_bytes = bnb_4bit_round_trip(module.weight.data, blocksize, quant_type, double_quant)
+        module.weight.data.copy_(dequantized)
+        stored += stored_bytes
+        count += module.weight.numel()
+    return stored * 8 / count
+
+
+@torch.no_grad()
+def round_trip_error_by_layer(model: torch.nn.Module, blocksize: int = 64, quant_type: str = "nf4",
+                              double_quant: bool = False) -> list[float]:
+    """Relative error ``||W_hat - W|| / ||W||`` of each decoder layer's Linear weights after a bitsandbytes 4-bit
+    round trip (all seven weights of a layer together), without changing the model. One float per layer."""
+    from helpers.groupwise import decoder_linears
+
+    squared: dict[int, list[float]] = {}
+    for name, module in decoder_linears(model):
+        layer = int(name.split(".layers.", 1)[1].split(".", 1)[0])
+        weight = module.weight.data
+        rebuilt, _ = bnb_4bit_round_trip(weight, blocksize, quant_type, double_quant)
+        sums = squared.setdefault(layer, [0.0, 0.0])
+        sums[0] += (rebuilt.double() - weight.double()).pow(2).sum().item()
+        sums[1] += weight.double().pow(2).sum().item()
+    return [(error / norm) ** 0.5 for _, (error, norm) in sorted(squared.items())]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a 4-bit layer holds while it computes: does the dequantized weight exist as a whole tensor?
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenseWeightUse:
+    """One time a 4-bit layer's weight entered a matrix product as an ordinary dense tensor (all of it at once)."""
+
+    function: str  # the PyTorch function it was passed to
+    dtype: torch.dtype
+    nbytes: int  # bytes of that temporary copy
+
+
+DENSE_MATMUL_FUNCTIONS = ("torch.nn.functional.linear", "torch.matmul")
+"""Where bitsandbytes 0.50.2 hands a fully dequantized weight to PyTorch: the forward's fallback (its CPU path, and
+CUDA beyond a few tokens) calls ``F.linear``, ``MatMul4Bit.backward`` calls ``torch.matmul``."""
+
+
+def dense_weight_uses(layer: torch.nn.Module, tokens: int, backward: bool = False,
+                      seed: int = 0) -> list[DenseWeightUse]:
+    """Run a bitsandbytes ``Linear4bit`` on ``tokens`` random inputs and list every dense copy of its whole weight.
+
+    For the duration of one call (and, with ``backward=True``, the backward pass of the output's sum) the two
+    PyTorch functions every dense matrix product of bitsandbytes goes through (``DENSE_MATMUL_FUNCTIONS``) are
+    wrapped; each argument shaped like the layer's full weight ``(out_features, in_features)`` is recorded. A fused
+    kernel, which unpacks the codes tile by tile inside the product, records nothing. Inputs come from
+    ``helpers.environment.portable_randn``, so a CPU records the same list everywhere.
+    """
+    import bitsandbytes as bnb
+    from unittest import mock
+
+    from helpers.environment import portable_randn
+
+    if not isinstance(layer, bnb.nn.Linear4bit):
+        raise TypeError(f"dense_weight_uses watches a bitsandbytes Linear4bit, got {type(layer).__name__}; pass a "
+                        "layer of a model loaded in 4 bits, e.g. model.get_submodule('model.layers.0.mlp.up_proj').")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}.")
+    weight_shape = (layer.out_features, layer.in_features)
+    if tokens in weight_shape:
+        raise ValueError(f"tokens={tokens} equals a dimension of the weight {weight_shape}, so an activation could "
+                         "be mistaken for the weight; choose another count.")
+    uses: list[DenseWeightUse] = []
+
+    def watched(name, function):
+        def wrapper(*args, **kwargs):
+            for value in (*args, *kwargs.values()):
+                if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                        and tuple(value.shape) == weight_shape):
+                    uses.append(DenseWeightUse(name, value.dtype, value.nbytes))
+            return function(*args, **kwargs)
+        return wrapper
+
+    device = layer.weight.device
+    x = portable_randn(tokens, layer.in_features, seed=seed).to(device).requires_grad_(backward)
+    linear, matmul = torch.nn.functional.linear, torch.matmul
+    with mock.patch("torch.nn.functional.linear", watched(DENSE_MATMUL_FUNCTIONS[0], linear)), \
+            mock.patch("torch.matmul", watched(DENSE_MATMUL_FUNCTIONS[1], matmul)), \
+            torch.set_grad_enabled(backward):
+        output = layer(x)
+        if backward:
+            output.float().sum().backward()
+    return uses

@@ -1,0 +1,64 @@
+"""The shared figures draw what they are given and refuse what they cannot draw (Agg backend, no window)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import plots  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    plt.close("all")
+    yield
+    plt.close("all")
+
+
+def last_figure():
+    return plt.figure(plt.get_fignums()[-1])
+
+
+def test_levels_over_histogram_draws_one_panel_per_table_with_its_levels():
+    values = torch.linspace(-1, 1, 257)
+    plots.levels_over_histogram(values.numpy(), {"A": torch.tensor([-1.0, 0.0, 1.0]), "B": torch.tensor([0.5])},
+                                title_format="{name} levels", xlabel="x")
+    axes = last_figure().axes
+    assert [ax.get_title() for ax in axes] == ["A levels", "B levels"]
+    assert [len(ax.collections[0].get_segments()) for ax in axes] == [3, 1]
+
+
+def test_labelled_scatter_labels_every_point():
+    plots.labelled_scatter({"NF4": (4.5, 0.004), "2-bit": (2.5, 0.13)}, title="t", xlabel="bits", ylabel="KL",
+                           log_x=True, log_y=True)
+    ax = last_figure().axes[0]
+    assert sorted(text.get_text() for text in ax.texts) == ["2-bit", "NF4"]
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+
+
+def test_per_layer_errors_shows_the_difference_as_numbers():
+    errors = {"NF4": [0.10, 0.20], "NF4 + DQ": [0.101, 0.20], "FP4": [0.13, 0.26]}
+    plots.per_layer_errors(errors, difference=("NF4", "NF4 + DQ"), title="t")
+    left, right = last_figure().axes
+    assert len(left.patches) == 6
+    assert [text.get_text() for text in right.texts] == ["+1.00%", "+0.00%"]
+
+
+def test_bad_input_says_what_was_wrong():
+    with pytest.raises(ValueError, match="at least one table"):
+        plots.levels_over_histogram([0.1], {}, title_format="{name}", xlabel="x")
+    with pytest.raises(ValueError, match="at least one value"):
+        plots.levels_over_histogram([], {"A": [0.0]}, title_format="{name}", xlabel="x")
+    with pytest.raises(ValueError, match="at least one point"):
+        plots.labelled_scatter({}, title="t", xlabel="x", ylabel="y")
+    with pytest.raises(ValueError, match="log axis"):
+        plots.labelled_scatter({"float32": (32, 0.0)}, title="t", xlabel="x", ylabel="y", log_y=True)
+    with pytest.raises(ValueError, match="one error per layer"):
+        plots.per_layer_errors({"a": [0.1], "b": [0.1, 0.2]}, difference=("a", "b"), title="t")
+    with pytest.raises(ValueError, match="not in errors"):
+        plots.per_layer_errors({"a": [0.1]}, difference=("a", "c"), title="t")
+    with pytest.raises(ValueError, match="at least one"):
+        plots.per_layer_errors({}, difference=("a", "b"), title="t")

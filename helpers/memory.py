@@ -353,6 +353,7 @@ NOTEBOOK_SCHEMES: dict[str, tuple[str, ...]] = {
     "04_lora_adapters": ("nf4-dq", "fp32"),
     "05_weight_packing": ("nf4-dq",),
     "06_qlora_finetune": ("nf4-dq",),
+    "07_beyond_bitsandbytes": ("fp32", "int8", "nf4", "fp4"),
 }
 """The models each notebook loads, one at a time (each is released before the next)."""
 

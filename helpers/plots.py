@@ -74,18 +74,28 @@ def levels_over_histogram(values, tables: dict, title_format: str, xlabel: str, 
 
 def labelled_scatter(points: dict[str, tuple[float, float]], title: str, xlabel: str, ylabel: str,
                      log_x: bool = False, log_y: bool = False):
-    """One labelled point per key: ``{label: (x, y)}``, e.g. each scheme at its size and its quality loss."""
+    """One labelled point per key: ``{label: (x, y)}``, e.g. each scheme at its size and its quality loss.
+
+    Each label goes to the first of a few places around its point where it overlaps no label placed before, so
+    points at the same size (FP4 and NF4 store the same bits) stay readable. A log x axis is in powers of two,
+    with plain numbers on its ticks.
+    """
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     if not points:
         raise ValueError("labelled_scatter needs at least one point")
     for label, (x, y) in points.items():
         if (log_x and x <= 0) or (log_y and y <= 0):
             raise ValueError(f"point {label!r} = ({x}, {y}) cannot go on a log axis; leave it out or use a linear axis")
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for label, (x, y) in points.items():
-        ax.scatter([x], [y], s=36, zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    colors = {label: ax.scatter([x], [y], s=36, zorder=3).get_facecolor()[0] for label, (x, y) in points.items()}
     if log_x:
         ax.set_xscale("log", base=2)
+        xs = [x for x, _ in points.values()]
+        ticks = [t for t in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if min(xs) / 1.5 <= t <= max(xs) * 1.5]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if log_y:
         ax.set_yscale("log")
     ax.grid(True, which="major", alpha=0.3)
@@ -94,6 +104,19 @@ def labelled_scatter(points: dict[str, tuple[float, float]], title: str, xlabel:
     ax.set_ylabel(ylabel)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
+    fig.canvas.draw()
+    placed = []
+    offsets = [(dx, dy) for dy in (4, -12, 16, -24, 28, -36) for dx in (8, -8)]
+    for label, (x, y) in sorted(points.items(), key=lambda item: (-item[1][1], item[1][0])):
+        for dx, dy in offsets + [offsets[0]]:  # the first free place, else the first place
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right", color=colors[label],
+                               arrowprops={"arrowstyle": "-", "color": colors[label], "linewidth": 0.6, "shrinkB": 3})
+            box = text.get_window_extent(fig.canvas.get_renderer())
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        placed.append(box)
     plt.show()
 
 
@@ -118,13 +141,14 @@ def per_layer_errors(errors: dict[str, list[float]], difference: tuple[str, str]
     left.set_xticks(range(n_layers))
     left.set_xlabel("decoder layer")
     left.set_ylabel("relative weight error (%)")
-    left.legend(frameon=False, fontsize=8, loc="lower right")
+    left.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     added = [100 * (o / b - 1) for o, b in zip(errors[other], errors[base])]
     bars = right.bar(range(n_layers), added, color="tab:gray")
     for bar, value in zip(bars, added):
         right.annotate(f"{value:+.2f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                        va="bottom" if value >= 0 else "top", fontsize=8)
     right.axhline(0, color="black", linewidth=0.8)
+    right.margins(y=0.15)
     right.set_xticks(range(n_layers))
     right.set_xlabel("decoder layer")
     right.set_ylabel(f"error added, % of {base}'s")

@@ -22,6 +22,7 @@ Hessian (uncorrelated inputs) nothing is pushed and GPTQ is RTN exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 import torch
@@ -197,20 +198,35 @@ def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
+def layer_index_of(name: str) -> int | None:
+    """The decoder layer a module name belongs to (``model.layers.3.mlp.up_proj`` -> 3), or None."""
+    parts = name.split(".")
+    if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
+        return int(parts[parts.index("layers") + 1])
+    return None
+
+
 @torch.no_grad()
-def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: bool) -> float:
-    """Replace every decoder-layer Linear weight by its round-to-nearest dequantized value, in place.
+def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: bool,
+                      layers: Iterable[int] | None = None) -> float:
+    """Replace every decoder-layer Linear weight (of the decoder layers ``layers``, default all) by its
+    round-to-nearest dequantized value, in place.
 
     Returns the true bits per weight over those weights (codes + scales + zero points, as stored).
     """
     _check_bits(bits)
     _check_symmetric(symmetric)
+    chosen = None if layers is None else set(layers)
     stored, count = 0.0, 0
-    for _, module in decoder_linears(model):
+    for name, module in decoder_linears(model):
+        if chosen is not None and layer_index_of(name) not in chosen:
+            continue
         q = quantize_groupwise(module.weight.data, bits, group_size, symmetric)
         module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
         stored += stored_bytes(q)
         count += module.weight.numel()
+    if count == 0:
+        raise ValueError(f"no decoder-layer Linear in layers {sorted(chosen)}")
     return stored * 8 / count
 
 
@@ -311,3 +327,273 @@ def layer_objective(weight: torch.Tensor, quantized_weight: torch.Tensor, hessia
     inputs (scaled as the Hessian is), computed from the Hessian alone."""
     delta = (weight - quantized_weight).to(torch.float64)
     return float(torch.einsum("ij,jk,ik->", delta, hessian.to(torch.float64), delta))
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a calibration forward pass once the layer of interest has run."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers Llama-style model (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError("expected a transformers causal LM with decoder layers at model.model.layers")
+    return layers
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer_index: int, calibration: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """What each Linear of decoder layer ``layer_index`` receives on the calibration sequences (token ids
+    ``(sequences, tokens)``), one tensor per sequence; the forward pass stops after that layer."""
+    layer = decoder_layers(model)[layer_index]
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+
+    def keep(name):
+        return lambda module, args, output: seen[name].append(args[0].detach().float())
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in linears.items()]
+    hooks.append(layer.register_forward_hook(stop))
+    device = next(model.parameters()).device
+    try:
+        for sequence in calibration:
+            try:
+                model(input_ids=sequence.unsqueeze(0).to(device))
+            except _StopForward:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@torch.no_grad()
+def gptq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                layers: Iterable[int] | None = None, block_size: int = GPTQ_BLOCK_SIZE,
+                damping: float = GPTQ_DAMPING) -> float:
+    """GPTQ over decoder layers (all, or ``layers``), in place, one layer after the other as llmcompressor does:
+    each layer is calibrated on the outputs of the layers already quantized before it. Returns the true bits per
+    weight over the weights it quantized."""
+    _check_bits(bits)
+    _check_symmetric(symmetric)
+    if not isinstance(calibration, torch.Tensor) or calibration.ndim != 2 or calibration.is_floating_point():
+        raise ValueError("calibration must be token ids shaped (sequences, tokens)")
+    all_layers = decoder_layers(model)
+    chosen = range(len(all_layers)) if layers is None else list(layers)
+    if not chosen or any(not 0 <= i < len(all_layers) for i in chosen):
+        raise ValueError(f"layers must be indices of the {len(all_layers)} decoder layers, got {list(chosen)}")
+    stored, count = 0.0, 0
+    for index in sorted(chosen):
+        inputs = layer_inputs(model, index, calibration)
+        for name, module in all_layers[index].named_modules():
+            if isinstance(module, nn.Linear):
+                q = gptq_quantize(module.weight.data, gptq_hessian(inputs.pop(name)), bits, group_size, symmetric,
+                                  block_size, damping)
+                module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
+                stored += stored_bytes(q)
+                count += module.weight.numel()
+    return stored * 8 / count
+
+
+# --- AWQ (activation-aware scaling), from scratch ---------------------------------------------------------------
+
+AWQ_GRID = 20
+"""Exponents alpha tried: 0, 1/20, ..., 19/20 (llmcompressor's default n_grid)."""
+
+
+def _output_error(gram: torch.Tensor, weights: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
+    """``sum ||X W^T - X W_hat^T||^2`` from the inputs' Gram matrix ``X^T X``: ``trace(D X^T X D^T)``, D = W - W_hat
+    (cheaper than multiplying every calibration token again)."""
+    return float(sum(((w - q) @ gram * (w - q)).sum() for w, q in zip(weights, quantized)))
+
+
+@torch.no_grad()
+def awq_search(weights: list[torch.Tensor], inputs: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+               grid: int = AWQ_GRID) -> tuple[float, torch.Tensor, list[float]]:
+    """AWQ's search for one group of Linears that read the same input (q/k/v, or gate/up, or down).
+
+    Input channel j is scaled by ``s_j = mean|x_j| ** alpha`` (normalised so that ``sqrt(max s * min s) = 1``):
+    the weights of busy channels get bigger before rounding, so relatively less rounding error, and the inverse
+    scale is folded into whatever produces x (the RMSNorm weight, or the previous Linear), which costs nothing at
+    run time. Returns the best alpha, its scales, and the output error ``sum ||X W^T - X Q(W s)/s^T||^2`` for every
+    alpha tried (alpha = 0 is plain round-to-nearest).
+    """
+    if not weights or any(w.shape[1] != inputs.shape[-1] for w in weights):
+        raise ValueError("every weight must have in_features equal to the inputs' last dimension")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    activity = x.abs().mean(dim=0)
+    gram = x.t() @ x
+    errors, best = [], (None, None)
+    for step in range(grid):
+        alpha = step / grid
+        scales = activity.pow(alpha).clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        quantized = [dequantize_groupwise(quantize_groupwise(w * scales, bits, group_size, symmetric)) / scales
+                     for w in weights]
+        errors.append(_output_error(gram, weights, quantized))
+        if best[0] is None or errors[-1] < errors[best[0]]:
+            best = (step, scales)
+    return best[0] / grid, best[1], errors
+
+
+@torch.no_grad()
+def awq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+               layers: Iterable[int] | None = None, grid: int = AWQ_GRID) -> float:
+    """AWQ over decoder layers (all, or ``layers``), in place, layer after layer: search and fold the scales of
+    (input_layernorm -> q, k, v), (post_attention_layernorm -> gate, up) and (up -> down), then round every Linear
+    of the layer to nearest. o_proj is only rounded (its input comes through attention, not straight from v_proj
+    when there are fewer key/value heads than query heads). Returns the true bits per weight."""
+    _check_bits(bits)
+    _check_symmetric(symmetric)
+    all_layers = decoder_layers(model)
+    chosen = range(len(all_layers)) if layers is None else list(layers)
+    if not chosen or any(not 0 <= i < len(all_layers) for i in chosen):
+        raise ValueError(f"layers must be indices of the {len(all_layers)} decoder layers, got {list(chosen)}")
+    stored, count = 0.0, 0
+    for index in sorted(chosen):
+        layer = all_layers[index]
+        attention, mlp = layer.self_attn, layer.mlp
+        inputs = layer_inputs(model, index, calibration)
+        groups = [(layer.input_layernorm.weight, None, [attention.q_proj, attention.k_proj, attention.v_proj],
+                   "self_attn.q_proj"),
+                  (layer.post_attention_layernorm.weight, None, [mlp.gate_proj, mlp.up_proj], "mlp.gate_proj"),
+                  (None, mlp.up_proj, [mlp.down_proj], "mlp.down_proj")]
+        for norm_weight, previous, linears, input_name in groups:
+            x = torch.cat(inputs[input_name], dim=1)
+            _, scales, _ = awq_search([m.weight.data.float() for m in linears], x, bits, group_size, symmetric, grid)
+            scales = scales.to(linears[0].weight.dtype)
+            if norm_weight is not None:
+                norm_weight.data.div_(scales)
+            else:
+                previous.weight.data.div_(scales.unsqueeze(1))  # rows of up_proj are down_proj's input channels
+            for m in linears:
+                m.weight.data.mul_(scales)
+        for _, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                q = quantize_groupwise(module.weight.data, bits, group_size, symmetric)
+                module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
+                stored += stored_bytes(q)
+                count += module.weight.numel()
+    return stored * 8 / count
+
+
+# --- what notebook 07 runs where ----------------------------------------------------------------------------------
+
+CALIBRATED_LAYERS_ON_GPU = 2
+"""Decoder layers GPTQ and AWQ quantize on a real Llama: a few, so that a T4 finishes the notebook in 15 minutes."""
+
+
+@dataclass(frozen=True)
+class ComparisonPlan:
+    """Notebook 07's choices for one machine and model."""
+
+    num_layers: int
+    bit_widths: tuple[int, ...]
+    group_size: int
+    calibration_layers: tuple[int, ...]  # decoder layers that GPTQ and AWQ quantize (and RTN beside them)
+    calibration_sequences: int
+    eval_windows: int
+    reason: str
+
+    @property
+    def calibration_on_whole_model(self) -> bool:
+        return self.calibration_layers == tuple(range(self.num_layers))
+
+
+def comparison_plan(num_layers: int, device: str, full_layers_at_most: int = 8) -> ComparisonPlan:
+    """Which layers the calibration methods (GPTQ, AWQ) quantize, and how much data they see (pure).
+
+    A model of at most ``full_layers_at_most`` decoder layers (the tiny Llama) gets every method on every layer.
+    A real Llama gets the calibration-free methods (RTN, HQQ, GGUF, bitsandbytes) on the whole model and the
+    calibration methods on its first ``CALIBRATED_LAYERS_ON_GPU`` layers, compared with RTN on those same layers.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if num_layers <= full_layers_at_most:
+        layers = tuple(range(num_layers))
+        reason = f"{num_layers} decoder layers: every method quantizes the whole model"
+    else:
+        layers = tuple(range(min(CALIBRATED_LAYERS_ON_GPU, num_layers)))
+        reason = (f"{num_layers} decoder layers: GPTQ and AWQ quantize layers {', '.join(map(str, layers))} only "
+                  f"(one column at a time is slow at this size), RTN beside them on the same layers; RTN, HQQ, "
+                  f"GGUF and bitsandbytes also quantize the whole model")
+    return ComparisonPlan(num_layers=num_layers, bit_widths=(4, 3, 2), group_size=64, calibration_layers=layers,
+                          calibration_sequences=8 if device == "cpu" else 16, eval_windows=8, reason=reason)
+
+
+def backup_decoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every decoder-layer parameter, to undo a method before the next one. Kept in bfloat16 when
+    that loses nothing (weights read from a bfloat16 checkpoint), which halves the copy of a float32 model."""
+    backup = {}
+    for name, parameter in decoder_layers(model).named_parameters():
+        value = parameter.detach()
+        small = value.to(torch.bfloat16)
+        backup[name] = (small if torch.equal(small.to(value.dtype), value) else value).to("cpu", copy=True)
+    return backup
+
+
+@torch.no_grad()
+def restore_decoder_weights_(model: nn.Module, backup: dict[str, torch.Tensor]) -> None:
+    """Put back what ``backup_decoder_weights`` saved, in place."""
+    parameters = dict(decoder_layers(model).named_parameters())
+    if set(parameters) != set(backup):
+        raise ValueError("the backup is of another model: its parameter names differ")
+    for name, parameter in parameters.items():
+        parameter.copy_(backup[name].to(parameter.device, parameter.dtype))
+
+
+# --- the libraries: HQQ, and llmcompressor's AWQ on a CPU ----------------------------------------------------------
+
+
+@torch.no_grad()
+def hqq_model_(model: nn.Module, bits: int, group_size: int) -> float:
+    """HQQ through its own library (``hqq.core.quantize.Quantizer``), on every decoder-layer Linear, in place.
+
+    HQQ needs no calibration data: per group of ``group_size`` weights it starts from min/max like RTN, then
+    optimises the zero point (a few proximal steps against an Lp<1 error that tolerates outliers). Codes are
+    unsigned and packed by HQQ; scales and zero points stay in the compute dtype. Returns the true bits per weight
+    counted from HQQ's stored tensors (3-bit codes are packed ten per 32-bit word).
+    """
+    from hqq.core.quantize import Quantizer
+
+    _check_bits(bits)
+    stored, count = 0, 0
+    for _, module in decoder_linears(model):
+        weight = module.weight.data
+        packed, meta = Quantizer.quantize(weight, nbits=bits, group_size=group_size, axis=1, optimize=True,
+                                          round_zero=bits == 4, compute_dtype=torch.float32,
+                                          device=str(weight.device))
+        meta["compute_dtype"] = torch.float32
+        module.weight.data.copy_(Quantizer.dequantize(packed, meta).to(weight.dtype))
+        stored += sum(t.numel() * t.element_size() * 8 for t in (packed, meta["scale"], meta["zero"]))
+        count += weight.numel()
+    return stored / count
+
+
+class cpu_pin_memory_workaround:
+    """Let llmcompressor's AWQ run on a machine without an accelerator.
+
+    Before its grid search, ``AWQModifier`` pins the cached activations (``IntermediatesCache.pin_memory``) to speed
+    up copies to a GPU. Pinned memory belongs to an accelerator's driver, so on a CPU-only torch the call raises
+    ``RuntimeError: Cannot access accelerator device when none is available``. Inside this context, and only when
+    torch sees no accelerator, that one method does nothing (there is no GPU to copy to); it is restored on exit.
+    """
+
+    def __enter__(self):
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        self._cls, self._original = IntermediatesCache, IntermediatesCache.pin_memory
+        if not torch.accelerator.is_available():
+            IntermediatesCache.pin_memory = lambda cache, batch_index, input_names=None: None
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.pin_memory = self._original
+        return False

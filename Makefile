@@ -46,6 +46,7 @@ portability: $(STAMP)
 
 rebuild-tiny-llama: $(STAMP)
 	$(PY) data/build/train_tiny_llama.py
+	$(PY) data/build/continue_tiny_llama_on_catalogue.py
 
 rebuild-adapter: $(STAMP)
 	$(PY) data/build/make_pricer_data.py

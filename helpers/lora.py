@@ -322,6 +322,49 @@ def lora_delta_weight(lora_module, adapter_name: str | None = None) -> torch.Ten
     return lora_module.scaling[name] * (weight_B.float() @ weight_A.float())
 
 
+def base_weight_float32(lora_module) -> torch.Tensor:
+    """The frozen base weight under a LoRA layer as float32 ``(out, in)``: dequantized for a 4-bit or 8-bit base.
+
+    For a 4-bit base this is ``Q(W)``, the weight the adapter was trained against, not the original ``W``.
+    """
+    if not isinstance(lora_module, LoraLayer):
+        raise TypeError(f"Expected a peft LoRA layer, got {type(lora_module).__name__}.")
+    base = lora_module.get_base_layer()
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Linear4bit (kept on the portable CPU path by models.load_model)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("This 4-bit weight was repacked for bitsandbytes' AVX512-BF16 CPU kernel; load the "
+                             "model with helpers.models.load_model, which keeps the portable layout.")
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+    if weight.dtype == torch.int8:  # bitsandbytes Linear8bitLt: int8 rows and their float32 scales
+        from helpers import quantization
+
+        return quantization.dequantize_int8_rowwise(*quantization.int8_storage_of(base)).float()
+    return weight.detach().float()
+
+
+def update_ratios(peft_model, adapter_name: str = "default") -> dict[str, float]:
+    """``||ΔW|| / ||W||`` (Frobenius norms) of every adapted module, keyed by module name.
+
+    LoRA's premise is that fine-tuning needs only a small, low-rank correction of a pretrained weight: on a base
+    that already knows the domain, well-behaved adapters have ratios well below 1 (the course's rule of thumb:
+    a median of at most 0.25). A ratio near or above 1 means the adapter rewrote the layer instead of nudging it.
+    """
+    ratios = {}
+    for name, layer in _lora_layers(peft_model, adapter_name):
+        delta = lora_delta_weight(layer, adapter_name)
+        base = base_weight_float32(layer).to(delta.device)
+        ratios[_strip_peft_prefix(name)] = (delta.norm() / base.norm()).item()
+    return ratios
+
+
+UPDATE_RATIO_RULE_OF_THUMB = 0.25
+"""The largest median ``||ΔW|| / ||W||`` the course accepts for an adapter that corrects rather than rewrites."""
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter file
 # ---------------------------------------------------------------------------------------------

@@ -357,6 +357,9 @@ NOTEBOOK_SCHEMES: dict[str, tuple[str, ...]] = {
 }
 """The models each notebook loads, one at a time (each is released before the next)."""
 
+TRAINING_NOTEBOOKS = ("06_qlora_finetune",)
+"""Notebooks that train: their plan counts gradients of the logits and the float32 upcast of training."""
+
 EVAL_BATCH_WINDOWS = 2  # windows scored at once by quality.evaluate: with a 128k vocabulary the logits dominate
 EVAL_WINDOW_TOKENS = 256
 EVAL_BATCH_TOKENS = EVAL_BATCH_WINDOWS * EVAL_WINDOW_TOKENS
@@ -416,7 +419,11 @@ def plan_notebook(notebook: str, config, on_gpu: bool, limits: MemoryLimits,
     dtypes = {"int8": torch.float16, "nf4": torch.bfloat16, "nf4-dq": torch.bfloat16, "fp4": torch.bfloat16,
               **(dtypes or {})}
     checkpoint = estimate_footprint(config, "bf16").reported  # Meta stores Llama in bfloat16
-    training = notebook == "06_qlora_finetune"
+    training = notebook in TRAINING_NOTEBOOKS
+    if training:
+        # peft.prepare_model_for_kbit_training upcasts every parameter that is not 4-bit (embeddings, norms,
+        # lm_head) to float32: for Llama-3.1-8B that is about 4.2 GB of the QLoRA model's weights.
+        dtypes = {scheme: torch.float32 for scheme in dtypes}
     peaks = {}
     for scheme in NOTEBOOK_SCHEMES[notebook]:
         dtype = FLOAT_SCHEMES.get(scheme) or dtypes[scheme]

@@ -369,6 +369,39 @@ def score_answers(completions: Sequence[str], true_prices: Sequence[int]) -> Pri
     )
 
 
+def _median(values: Sequence[int]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return float(ordered[middle]) if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def yardstick_scores(train_items: Sequence[PricerItem], items: Sequence[PricerItem]) -> dict[str, PricerScores]:
+    """Two model-free guesses to judge a mean absolute error by, scored on ``items``:
+
+    - ``"training median"``: the median price of ``train_items``, guessed for every item;
+    - ``"category median"``: the median training price of the item's category (the first thing a pricer should
+      read). A model that does not beat it reads no more than the category.
+
+    Medians of an even count are the mean of the middle two, written with cents (``"71.50"``), as the scorer
+    rounds them, halves up.
+    """
+    if not train_items or not items:
+        raise ValueError("yardstick_scores needs training items to take medians from and items to score.")
+    overall = _median([item.price for item in train_items])
+    by_category: dict[str, list[int]] = {}
+    for item in train_items:
+        by_category.setdefault(item.attributes["category"], []).append(item.price)
+    missing = {item.attributes["category"] for item in items} - set(by_category)
+    if missing:
+        raise ValueError(f"No training items of the categories {sorted(missing)}: cannot take their median.")
+    true_prices = [item.price for item in items]
+    guesses = {
+        "training median": [f"{overall:.2f}"] * len(items),
+        "category median": [f"{_median(by_category[item.attributes['category']]):.2f}" for item in items],
+    }
+    return {name: score_answers(answers, true_prices) for name, answers in guesses.items()}
+
+
 #: Enough new tokens for a four-digit price, the end-of-text token and a little room to misbehave.
 ANSWER_MAX_NEW_TOKENS = 8
 
@@ -392,21 +425,29 @@ def answer_prices(model, tokenizer, items: Sequence[PricerItem]) -> tuple[Pricer
     return score_answers(completions, [item.price for item in items]), completions
 
 
-def adapter_claims(profile_name: str, base: PricerScores, adapted: PricerScores) -> dict[str, bool]:
+def adapter_claims(profile_name: str, base: PricerScores, adapted: PricerScores,
+                   category_median: PricerScores | None = None) -> dict[str, bool]:
     """What notebooks 04 and 06 claim about an adapter on the pricer items, per profile (pure).
 
     The tiny profile's adapter was trained by this course on these very items, so it must beat the base on
-    format and on error. The Hub profiles' adapters were trained on real product listings, in the format
+    format and on error, and, given the category-median yardstick of :func:`yardstick_scores` on the same items,
+    beat it: reading the attributes, not only the category. The Hub profiles' adapters were trained on real product listings, in the format
     "Price is $137.00", not on the course's synthetic items; what must hold there is only that the adapted model
     answers with a price most of the time, whatever its accuracy on items it never saw the like of.
     """
     if profile_name == "tiny":
-        return {
+        claims = {
             "the adapted model answers in the right format at least as often as the base":
                 adapted.format_share >= base.format_share,
             "the adapted model's mean absolute error is below the base's":
                 adapted.mean_absolute_error < base.mean_absolute_error,
         }
+        if category_median is not None:  # the yardstick of yardstick_scores, on the same items as `adapted`
+            if category_median.n_items != adapted.n_items:
+                raise ValueError("Score the category-median yardstick on the same items as the adapted model.")
+            claims["the adapted model's mean absolute error beats guessing the category's median price"] = (
+                adapted.mean_absolute_error < category_median.mean_absolute_error)
+        return claims
     if profile_name in ("llama-3.2-3b", "llama-3.1-8b"):
         return {"the adapted model answers with a price on at least half the items": adapted.format_share >= 0.5}
     raise ValueError(f"No adapter claims for profile {profile_name!r}: add them to helpers.pricer.adapter_claims.")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import statistics
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
 from helpers import pricer
-from helpers.lora import adapter_file_layout, lora_delta_weight, lora_param_count, summarize_adapter
+from helpers.lora import (UPDATE_RATIO_RULE_OF_THUMB, adapter_file_layout, base_weight_float32, lora_delta_weight,
+                          lora_param_count, summarize_adapter, update_ratios)
 from helpers.models import load_model
 from helpers.profiles import get_profile
 
@@ -63,5 +67,35 @@ def test_adapter_beats_the_base_on_held_out_items(adapted_model):
     adapted_scores, completions = pricer.answer_prices(model, tokenizer, items)
     assert adapted_scores.format_share > base_scores.format_share
     assert adapted_scores.format_share >= 0.9, completions
-    # On these items: $54.00 against $112.58 (base: no answer in the right format, so every error is the price).
+    # The base never answers in the right format, so every one of its errors is the full price.
     assert adapted_scores.mean_absolute_error < 0.75 * base_scores.mean_absolute_error, completions
+
+
+def test_the_update_is_a_correction_not_a_rewrite(adapted_model):
+    """LoRA's premise on a base that knows the domain: the median ||ΔW|| / ||W|| stays within the rule of thumb."""
+    model, _ = adapted_model
+    ratios = update_ratios(model)
+    assert len(ratios) == 24 and all(0 < value < 1 for value in ratios.values())
+    assert statistics.median(ratios.values()) <= UPDATE_RATIO_RULE_OF_THUMB
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    by_hand = lora_delta_weight(q_proj).norm() / base_weight_float32(q_proj).norm()
+    assert ratios["model.layers.0.self_attn.q_proj"] == by_hand.item()
+
+
+def test_the_base_weight_is_the_dequantized_4bit_weight_the_adapter_was_trained_against(adapted_model):
+    import bitsandbytes as bnb
+
+    model, _ = adapted_model
+    base_layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    expected = bnb.functional.dequantize_4bit(base_layer.weight.data, base_layer.weight.quant_state)
+    assert torch.equal(base_weight_float32(model.base_model.model.model.layers[0].self_attn.q_proj), expected.float())
+    with pytest.raises(TypeError, match="peft LoRA layer"):
+        base_weight_float32(base_layer)
+
+
+def test_the_evaluation_file_records_what_the_build_measured():
+    report = json.loads((pricer.ADAPTER_DIR / "evaluation.json").read_text())
+    assert report["adapted"]["format_share"] == 1.0
+    yardstick = pricer.yardstick_scores(pricer.load_split("train"), pricer.load_split("test"))["category median"]
+    assert report["adapted"]["mean_absolute_error"] < yardstick.mean_absolute_error
+    assert report["update_ratio"]["median"] <= UPDATE_RATIO_RULE_OF_THUMB

@@ -89,13 +89,27 @@ def test_t4_memory_plan_matches_the_estimator_and_the_automatic_profile_fits(not
     plan = models.memory_plan(notebook, profile, T4, memory.T4_LIMITS)
     config = memory.load_reference_config(profile.reference_config)
     kwargs = {s: models.from_pretrained_kwargs(profile, s, T4)["dtype"] for s in memory.NOTEBOOK_SCHEMES[notebook]}
-    training = notebook == "06_qlora_finetune"
+    training = notebook in memory.TRAINING_NOTEBOOKS
+    if training:  # prepare_model_for_kbit_training upcasts every module that is not 4-bit to float32
+        kwargs = {s: torch.float32 for s in kwargs}
     expected = max(
         memory.estimate_footprint(config, s, None if s in memory.FLOAT_SCHEMES else kwargs[s]).true
         + memory.activation_bytes(config, kwargs[s], training)
         for s in memory.NOTEBOOK_SCHEMES[notebook])
     assert plan.gpu_peak == expected + memory.CUDA_CONTEXT_BYTES
     assert plan.fits, f"{notebook} does not fit a T4 with {name}"
+
+
+def test_the_training_plan_counts_the_float32_upcast_of_prepare_model_for_kbit_training():
+    config = memory.load_reference_config(profiles.PROFILES["llama-3.1-8b"].reference_config)
+    plan = memory.plan_notebook("06_qlora_finetune", config, True, memory.T4_LIMITS)
+    upcast = memory.estimate_footprint(config, "nf4-dq", torch.float32).true
+    in_bfloat16 = memory.estimate_footprint(config, "nf4-dq", torch.bfloat16).true
+    counts = memory.parameter_counts_from_config(config)
+    not_4bit = counts["embeddings"] + counts["norms"] + counts["lm_head"]
+    assert upcast - in_bfloat16 == 2 * not_4bit  # 2 more bytes for every value that is not 4-bit
+    assert plan.gpu_peak == (upcast + memory.activation_bytes(config, torch.float32, training=True)
+                             + memory.CUDA_CONTEXT_BYTES)
 
 
 def test_llama_8b_in_float32_is_refused_on_a_t4_with_advice():

@@ -193,5 +193,38 @@ def test_adapter_claims_are_stated_per_profile():
     hub = pricer.adapter_claims("llama-3.2-3b", scores_of(0.9, 20.0), scores_of(0.6, 80.0))
     assert hub == {"the adapted model answers with a price on at least half the items": True}
     assert not any(pricer.adapter_claims("llama-3.1-8b", scores_of(0.9, 20.0), scores_of(0.4, 10.0)).values())
+    yardstick = scores_of(1.0, 45.0)
+    with_yardstick = pricer.adapter_claims("tiny", scores_of(0.0, 150.0), scores_of(1.0, 40.0), yardstick)
+    assert with_yardstick["the adapted model's mean absolute error beats guessing the category's median price"]
+    assert not list(pricer.adapter_claims("tiny", scores_of(0.0, 150.0), scores_of(1.0, 50.0), yardstick).values())[2]
     with pytest.raises(ValueError, match="No adapter claims for profile 'gpt-2'"):
         pricer.adapter_claims("gpt-2", scores_of(0, 0), scores_of(0, 0))
+
+
+def _item(category: str, price: int) -> pricer.PricerItem:
+    return pricer.PricerItem(prompt=f"p{category}{price}", answer=str(price), price=price,
+                             attributes={"category": category, "material": "plastic", "size": "medium",
+                                         "brand_tier": "standard", "color": "red"})
+
+
+def test_yardsticks_guess_the_training_median_and_the_category_median():
+    train = [_item("mug", 10), _item("mug", 20), _item("tent", 100), _item("tent", 200), _item("tent", 400)]
+    items = [_item("mug", 16), _item("tent", 190)]
+    scores = pricer.yardstick_scores(train, items)
+    # training median 100: errors 84 and 90; category medians 15 (10 and 20) and 200: errors 1 and 10
+    assert scores["training median"].mean_absolute_error == 87.0
+    assert scores["category median"].mean_absolute_error == 5.5
+    assert scores["category median"].format_share == 1.0
+
+
+def test_yardsticks_of_the_shipped_splits_are_those_data_readme_quotes():
+    scores = pricer.yardstick_scores(pricer.load_split("train"), pricer.load_split("test"))
+    assert scores["training median"].mean_absolute_error == 109.28
+    assert scores["category median"].mean_absolute_error == 71.085
+
+
+def test_yardsticks_refuse_a_category_without_training_items():
+    with pytest.raises(ValueError, match="categories \\['tent'\\]"):
+        pricer.yardstick_scores([_item("mug", 10)], [_item("tent", 100)])
+    with pytest.raises(ValueError, match="needs training items"):
+        pricer.yardstick_scores([], [_item("tent", 100)])

@@ -13,8 +13,9 @@ from helpers import memory, models, profiles, quality
 TINY = profiles.PROFILES["tiny"]
 FOLDER = profiles.DATA_DIR / "tiny-llama"
 PROMPT = "And the LORD spake unto Moses, saying,"
-RECORDED_CONTINUATION = "\n16:2 Speak unto the children of Israel, saying,\n16:"
-PERPLEXITY_BOUND_ON_SLICE = 23.5  # measured 22.83 in float32 on the first 2048 held-out tokens; 3% margin
+RECORDED_CONTINUATION = "\n2:2 Son of man, and the priests, and the Levites,"
+PERPLEXITY_BOUND_ON_SLICE = 23.7  # measured 22.98 in float32 on the first 2048 held-out tokens; 3% margin
+LISTING = "Brown leather mug\n"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,14 @@ def test_perplexity_on_a_slice_stays_under_the_recorded_bound(tiny):
     model, tokenizer = tiny
     windows = quality.token_windows(tokenizer, quality.heldout_text(), seq_len=256, max_tokens=2048)
     assert quality.evaluate(model, windows).perplexity < PERPLEXITY_BOUND_ON_SLICE
+
+
+def test_the_base_has_read_product_listings_but_never_a_price(tiny):
+    """Stage 2 showed it shop pages without prices: it continues a listing like one, and has no price to give."""
+    model, tokenizer = tiny
+    continuation = quality.greedy_generate(model, tokenizer, [LISTING], max_new_tokens=12)[0]
+    assert continuation.startswith("Size: ") and "Brand:" in continuation
+    assert "$" not in continuation
 
 
 def test_greedy_generation_is_the_recorded_string(tiny):

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ import train_tiny_llama as stage1  # noqa: E402
 
 SEED = 4321
 CATALOGUE_SEED = 2024
-CATALOGUE_COPIES = 3  # each listing appears in 3 differently shuffled pages: about a fifth of the mix
+CATALOGUE_COPIES = 3  # each listing appears in 3 differently shuffled pages: about a third of the mix's tokens
 TRAINING = dict(
     sequence_length=256,
     batch_size=16,
@@ -124,8 +125,10 @@ def main() -> None:
     model.config.dtype = torch.bfloat16
     generation_config = model.generation_config
     model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
     generation_config.save_pretrained(args.out)
+    if args.out.resolve() != args.base.resolve():  # the tokenizer is stage 1's, unchanged: copy its files as they are
+        for name in ("tokenizer.json", "tokenizer_config.json", "training_log.csv"):
+            shutil.copyfile(args.base / name, args.out / name)
     summary_path = args.out / "training_summary.json"
     summary = json.loads((args.base / "training_summary.json").read_text())
     summary["continued_pretraining"] = {

@@ -193,10 +193,6 @@ def test_adapter_claims_are_stated_per_profile():
     hub = pricer.adapter_claims("llama-3.2-3b", scores_of(0.9, 20.0), scores_of(0.6, 80.0))
     assert hub == {"the adapted model answers with a price on at least half the items": True}
     assert not any(pricer.adapter_claims("llama-3.1-8b", scores_of(0.9, 20.0), scores_of(0.4, 10.0)).values())
-    yardstick = scores_of(1.0, 45.0)
-    with_yardstick = pricer.adapter_claims("tiny", scores_of(0.0, 150.0), scores_of(1.0, 40.0), yardstick)
-    assert with_yardstick["the adapted model's mean absolute error beats guessing the category's median price"]
-    assert not list(pricer.adapter_claims("tiny", scores_of(0.0, 150.0), scores_of(1.0, 50.0), yardstick).values())[2]
     with pytest.raises(ValueError, match="No adapter claims for profile 'gpt-2'"):
         pricer.adapter_claims("gpt-2", scores_of(0, 0), scores_of(0, 0))
 
@@ -228,3 +224,19 @@ def test_yardsticks_refuse_a_category_without_training_items():
         pricer.yardstick_scores([_item("mug", 10)], [_item("tent", 100)])
     with pytest.raises(ValueError, match="needs training items"):
         pricer.yardstick_scores([], [_item("tent", 100)])
+
+
+def test_yardstick_claims_are_stated_per_profile():
+    yardsticks = {"training median": scores_of(1.0, 100.0), "category median": scores_of(1.0, 45.0)}
+    assert pricer.yardstick_claims("tiny", scores_of(1.0, 40.0), yardsticks) == {
+        "the adapted model's mean absolute error beats guessing the category's median price": True}
+    assert not any(pricer.yardstick_claims("tiny", scores_of(1.0, 50.0), yardsticks).values())
+    assert pricer.yardstick_claims("llama-3.2-3b", scores_of(1.0, 90.0), yardsticks) == {}
+    with pytest.raises(ValueError, match="same items"):
+        other = pricer.PricerScores(n_items=3, n_right_format=3, format_share=1.0, mean_absolute_error=1.0,
+                                    mean_absolute_error_parsed=1.0, mean_true_price=1.0)
+        pricer.yardstick_claims("tiny", other, yardsticks)
+    with pytest.raises(ValueError, match="'category median'"):
+        pricer.yardstick_claims("tiny", scores_of(1.0, 40.0), {})
+    with pytest.raises(ValueError, match="No yardstick claims for profile 'gpt-2'"):
+        pricer.yardstick_claims("gpt-2", scores_of(1.0, 40.0), yardsticks)

@@ -47,7 +47,7 @@ PROFILES: dict[str, Profile] = {
         on_hub=False,
         gated=False,
         needs_gpu=False,
-        description="the course's own tiny Llama, trained on the King James Bible and shipped in data/ (CPU, offline)",
+        description="the course's own tiny Llama, trained on the King James Bible and product listings, shipped in data/ (CPU, offline)",
     ),
     "llama-3.2-3b": Profile(
         name="llama-3.2-3b",
@@ -57,7 +57,7 @@ PROFILES: dict[str, Profile] = {
         on_hub=True,
         gated=True,
         needs_gpu=True,
-        description="Meta's Llama-3.2-3B from the Hub: float32 fits a 15 GB T4",
+        description="Meta's Llama-3.2-3B from the Hub: its float32 weights fit a T4",
     ),
     "llama-3.1-8b": Profile(
         name="llama-3.1-8b",

@@ -184,9 +184,14 @@ def quiet_known_noise(verbose: bool = True) -> list[str]:
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    if verbose and not _quieted:
-        print("Silenced known noise (nothing else is hidden):")
-        for name, what in _KNOWN_NOISE.items():
-            print(f"  - {name}: {what}")
+    if verbose and not _quieted:  # one line: the lesson, not the setup, should open the notebook
+        print(f"Silenced known noise, nothing else: {', '.join(_KNOWN_NOISE)} "
+              f"(helpers.environment.describe_known_noise() says what each is)")
     _quieted = True
     return list(_KNOWN_NOISE)
+
+
+def describe_known_noise() -> None:
+    """Print what :func:`quiet_known_noise` silences, and why each is harmless."""
+    for name, what in _KNOWN_NOISE.items():
+        print(f"  - {name}: {what}")

@@ -111,3 +111,13 @@ def test_portability_settings_vary_capability_and_threads():
 def test_portability_settings_refuse_an_unknown_capability():
     with pytest.raises(ValueError, match="default, avx2 or avx512, got 'sse4'"):
         runner.portability_settings("sse4")
+
+
+def test_the_noise_banner_is_one_line_and_the_details_are_one_call_away(capsys, monkeypatch):
+    monkeypatch.setattr(environment, "_quieted", False)
+    names = environment.quiet_known_noise(verbose=True)
+    banner = capsys.readouterr().out
+    assert banner.count("\n") == 1 and all(name in banner for name in names)
+    environment.describe_known_noise()
+    details = capsys.readouterr().out.splitlines()
+    assert len(details) == len(names) and "MatMul8bitLt" in "\n".join(details)

@@ -50,8 +50,7 @@ class Hardware:
         if self.device == "cpu":
             return "CPU only (no CUDA GPU)"
         major, minor = self.compute_capability or (0, 0)
-        gib = (self.gpu_memory_bytes or 0) / 2**30
-        return f"{self.gpu_name}, {gib:.1f} GiB, compute capability {major}.{minor}"
+        return f"{self.gpu_name}, {(self.gpu_memory_bytes or 0) / 1e9:.1f} GB, compute capability {major}.{minor}"
 
 
 CPU = Hardware(device="cpu")

@@ -114,10 +114,10 @@ load that keeps a second copy of any sizeable weight (the embedding matrix alone
 RELEASE_SHARE = 0.01
 """Memory left over after a release, as a share of the model's true bytes: the notebooks' own 1% rule."""
 
-CUDA_HEADROOM_BYTES = 2**30
+CUDA_HEADROOM_BYTES = 10**9
 """Room a scheme needs on the GPU beyond its weights (CUDA workspaces, activations of a few tokens, the adapter)."""
 
-CPU_HEADROOM_BYTES = 2**30
+CPU_HEADROOM_BYTES = 10**9
 
 DEVICE_MAP_GPU_SHARE = 0.9
 """transformers' ``device_map="auto"`` on a single GPU places weights in at most 90% of its free memory and offloads
@@ -217,18 +217,22 @@ SCALE_SMOKE_CELLS: tuple[CellCoverage, ...] = (
          "<scheme>: LoRA count == formula with a fresh r = 8 adapter (the file count needs the published adapter)"),
         ("7. The same formula on the real Llamas", "closed-form counts for the real configs", NO_WEIGHTS,
          "config only"),
-        ("9. The update `ΔW` has rank at most `r`", "rank of ΔW <= r", ANY_WEIGHTS,
-         "holds for any adapter; not re-run"),
+        ("9. The update `ΔW` has rank at most `r`", "rank of ΔW <= r; update size within the rule of thumb",
+         ANY_WEIGHTS, "the rank holds for any adapter; the size needs the trained adapter; not re-run"),
         ("10. The forward pass, by hand", "PEFT output = base output + x ΔWᵀ", COVERED,
          "<scheme>: LoRA forward == base + x ΔWᵀ"),
         ("11. What the adapter changes: the pricer task", "format share and price error, base vs adapted", TRAINED,
          "needs the trained adapter and base"),
         ("12. Release the 4-bit model", "memory returned", COVERED, "nf4-dq: release"),
+        ("13. Three ways to merge, and the one that keeps what was trained", "W + ΔW answers vs the trained model's",
+         TRAINED, "needs the trained adapter and the pricer prompts"),
         ("14. Why not merge into the 4-bit base?", "Q(W) of the float32 weight == stored 4-bit weight", ANY_WEIGHTS,
          "close kin of nf4-dq: from-scratch == stored; not re-run"),
-        ("15. Merge into the float32 copy", "merged weight = W + ΔW; same logits merged and unmerged", ANY_WEIGHTS,
+        ("15. Dequantize, then merge", "Q(W) + ΔW answers vs the trained model's", TRAINED,
+         "needs the trained adapter and the pricer prompts"),
+        ("16. Merge it", "merged weight = Q(W) + ΔW; same logits merged and unmerged", ANY_WEIGHTS,
          "holds for any weights; not re-run (its 'same answers' use the pricer prompts)"),
-        ("16. Give the memory back", "memory returned", COVERED, "fp32: release"),
+        ("17. Give the memory back", "memory returned", COVERED, "fp32: release"),
     ),
     *_cells(
         "05_weight_packing",
@@ -564,7 +568,7 @@ def scheme_fits(estimate: memory.FootprintEstimate, device: str) -> tuple[bool, 
     fits = needed <= available and (device != "cuda" or estimate.true <= DEVICE_MAP_GPU_SHARE * available)
     where = "GPU memory free" if device == "cuda" else "RAM available"
     return fits, (f"needs {needed / 1e9:.2f} GB ({estimate.true / 1e9:.2f} GB of model + "
-                  f"{headroom / 2**30:.0f} GiB headroom), {where}: {available / 1e9:.2f} GB")
+                  f"{headroom / 1e9:.0f} GB headroom), {where}: {available / 1e9:.2f} GB")
 
 
 def _allocated(device: str) -> int | None:

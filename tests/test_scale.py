@@ -278,7 +278,7 @@ def test_schemes_that_do_not_fit_are_skipped(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert code == 1  # nothing was loaded, so nothing was checked
     assert "no scheme fits this device" in captured.err
-    assert "SKIP     0.0s  int8: load: skipped: needs 1.08 GB (0.00 GB of model + 1 GiB headroom)" in captured.out
+    assert "SKIP     0.0s  int8: load: skipped: needs 1.00 GB (0.00 GB of model + 1 GB headroom)" in captured.out
 
 
 def test_list_cells(capsys):
@@ -313,7 +313,7 @@ def test_forward_tolerances():
 def test_scheme_fits():
     estimate = memory.FootprintEstimate("fp32", torch.float32, 10**18, 10**18)
     fits, why = scale.scheme_fits(estimate, "cpu")
-    assert fits is False and why.startswith("needs 1000000001.07 GB")
+    assert fits is False and why.startswith("needs 1000000001.00 GB")
 
 
 def test_result_line():

@@ -32,8 +32,12 @@ $(STAMP): requirements.txt
 run: $(STAMP)
 	$(PY) -m helpers.runner run
 
+# Two pytest workers, each notebook's cells kept on one worker in order (--dist loadfile), one CPU thread per worker
+# and kernel: the committed outputs do not depend on the thread count (make portability proves it), and two busy
+# OpenMP threads per kernel on a 2-core CPU would take twice as long. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(NBVAL_FLAGS) tests notebooks
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(NBVAL_FLAGS) tests notebooks
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks

@@ -282,3 +282,76 @@ def test_bad_input_says_what_was_wrong():
     with pytest.raises(ValueError, match="bits must be"):
         round_to_nearest_(tiny_llama(), 9, 32, True)
     assert isinstance(quantize_groupwise(weight, 4, 16, True), GroupwiseQuantized)
+
+
+# --- whole models, AWQ, the plan -----------------------------------------------------------------------------------
+
+
+def test_gptq_model_on_the_first_layer_equals_gptq_on_that_layers_inputs():
+    model = tiny_llama(seed=1)
+    reference = tiny_llama(seed=1)
+    calibration = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    inputs = groupwise.layer_inputs(reference, 0, calibration)
+    assert len(inputs["self_attn.q_proj"]) == 3 and inputs["mlp.down_proj"][0].shape == (1, 12, 128)
+    bits_per_weight = groupwise.gptq_model_(model, calibration, 3, 32, False, layers=[0])
+    assert bits_per_weight == bits_per_weight_formula(3, 32, False)
+    expected = gptq_quantize(reference.model.layers[0].mlp.up_proj.weight.detach(),
+                             gptq_hessian(inputs["mlp.up_proj"]), 3, 32, False)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, dequantize_groupwise(expected))
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, reference.model.layers[1].mlp.up_proj.weight)
+
+
+def test_awq_search_starts_from_rtn_and_never_ends_worse():
+    weight = random_weight(32, 64, seed=4)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 40, 64, generator=generator) * torch.linspace(0.1, 5.0, 64)  # busy and quiet channels
+    alpha, scales, errors = groupwise.awq_search([weight], x, 3, 16, False, grid=10)
+    rtn = dequantize_groupwise(quantize_groupwise(weight, 3, 16, False))
+    direct = float((x.reshape(-1, 64) @ (weight - rtn).t()).square().sum())
+    assert len(errors) == 10 and errors[0] == pytest.approx(direct, rel=1e-4)  # alpha = 0 is RTN
+    assert min(errors) <= errors[0] and alpha == errors.index(min(errors)) / 10
+    assert float((scales.max() * scales.min()).sqrt()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_awq_model_folds_scales_without_changing_the_float_function():
+    model, reference = tiny_llama(seed=2), tiny_llama(seed=2)
+    calibration = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
+    bits_per_weight = groupwise.awq_model_(model, calibration, 8, 32, False, grid=4)
+    assert bits_per_weight == bits_per_weight_formula(8, 32, False)
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, reference.model.layers[0].input_layernorm.weight)
+    with torch.no_grad():  # at 8 bits only the folding is left, and it must not change what the model computes
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-2)
+
+
+def test_round_to_nearest_on_some_layers_and_backup_restore():
+    model = tiny_llama()
+    backup = groupwise.backup_decoder_weights(model)
+    before = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
+    round_to_nearest_(model, 2, 32, True, layers=[0])
+    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, before)
+    assert not torch.equal(model.model.layers[0].self_attn.o_proj.weight, backup["0.self_attn.o_proj.weight"])
+    groupwise.restore_decoder_weights_(model, backup)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, backup["0.self_attn.o_proj.weight"].float())
+    with pytest.raises(ValueError, match="another model"):
+        groupwise.restore_decoder_weights_(model, {"x": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no decoder-layer Linear in layers"):
+        round_to_nearest_(model, 2, 32, True, layers=[7])
+
+
+def test_the_plan_runs_everything_on_the_tiny_model_and_calibration_on_a_few_layers_of_a_real_llama():
+    tiny = groupwise.comparison_plan(6, "cpu")  # the shipped tiny Llama on a CPU
+    assert tiny.calibration_layers == tuple(range(6)) and tiny.calibration_on_whole_model
+    assert tiny.bit_widths == (4, 3, 2) and tiny.awq_bit_widths == (4,) and tiny.group_size == 64
+    t4 = groupwise.comparison_plan(28, "cuda")  # Llama-3.2-3B on a T4
+    assert t4.calibration_layers == (0, 1) and not t4.calibration_on_whole_model
+    assert "layers 0, 1 only" in t4.reason and t4.calibration_sequences == 16
+    with pytest.raises(ValueError, match="num_layers must be a positive int"):
+        groupwise.comparison_plan(0, "cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        groupwise.comparison_plan(6, "tpu")
+
+
+def test_pareto_frontier_keeps_the_points_nothing_beats():
+    points = {"a": (2.5, 0.2), "b": (3.0, 0.3), "c": (3.5, 0.05), "d": (4.5, 0.05), "e": (8.5, 0.001)}
+    assert groupwise.pareto_frontier(points) == ["a", "c", "e"]

@@ -134,17 +134,18 @@ def protected_constraints(installed: Mapping[str, str], protected: Sequence[str]
     return [f"{name}=={installed[name]}" for name in protected if name in installed]
 
 
-def pip_install(specs: Sequence[str], constraints: Sequence[str], python: str = sys.executable) -> None:
+def pip_install(specs: Sequence[str], constraints: Sequence[str], python: str = sys.executable,
+                no_deps: bool = False) -> None:
     """``pip install`` the specs under the constraints, printing pip's own output line by line as it comes.
 
     Printed through Python, so a notebook shows it (output a child process writes itself does not reach a Jupyter
-    cell). Raises RuntimeError, after pip's messages, when pip fails.
+    cell). Raises RuntimeError, after pip's messages, when pip fails. ``no_deps``: pip's ``--no-deps``.
     """
     with tempfile.TemporaryDirectory() as folder:
         constraint_file = Path(folder) / "constraints.txt"
         constraint_file.write_text("".join(f"{line}\n" for line in constraints))
         command = [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", "-c", str(constraint_file),
-                   *specs]
+                   *(["--no-deps"] if no_deps else []), *specs]
         print("$ pip install " + " ".join(specs) + (f"  (held: {', '.join(constraints)})" if constraints else ""))
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
             for line in process.stdout or ():
@@ -199,6 +200,46 @@ def install_on_colab(repo_root: str | Path) -> InstallReport | None:
     if report.restart_for:
         raise RestartRequired(restart_message(report.restart_for, report.changed))
     return report
+
+
+NO_DEPS_PREFIX = "#no-deps "
+"""requirements.txt lines that start so pin a library installed with ``--no-deps`` (its own pins conflict with ours)."""
+
+BEYOND_BITSANDBYTES_LIBRARIES = ("hqq", "einops", "termcolor", "gguf", "loguru", "datasets", "compressed-tensors",
+                                 "llmcompressor")
+"""What notebook 07 imports beyond COLAB_LIBRARIES (canonical names; the last two are ``#no-deps`` pins)."""
+
+
+def read_no_deps_pins(requirements_text: str) -> dict[str, str]:
+    """The ``#no-deps name==version`` pins of a requirements text, by canonical name (pip itself skips them)."""
+    return read_pins("\n".join(line[len(NO_DEPS_PREFIX):] for line in requirements_text.splitlines()
+                               if line.startswith(NO_DEPS_PREFIX)))
+
+
+def install_extras_on_colab(repo_root: str | Path, libraries: Sequence[str]) -> InstallReport | None:
+    """On Colab, install one notebook's extra pinned libraries that are missing or at another version; elsewhere
+    nothing. Pins come from requirements.txt; those on ``#no-deps`` lines are installed with ``--no-deps``.
+
+    Raises ValueError for a library requirements.txt does not pin, RestartRequired as ``install_on_colab`` does.
+    """
+    if not in_colab():
+        return None
+    text = (Path(repo_root) / "requirements.txt").read_text()
+    pinned, no_deps = read_pins(text), read_no_deps_pins(text)
+    unknown = [name for name in libraries if canonical_name(name) not in pinned | no_deps]
+    if unknown:
+        raise ValueError(f"not pinned in requirements.txt: {', '.join(unknown)}")
+    wanted = [canonical_name(name) for name in libraries]
+    report = install_missing({name: pinned[name] for name in wanted if name in pinned})
+    before = installed_versions()
+    loose = packages_to_install({name: no_deps[name] for name in wanted if name in no_deps}, before)
+    if loose:
+        pip_install(loose, protected_constraints(before), no_deps=True)
+    installed = report.installed + loose
+    print(f"Installed {', '.join(installed)}." if installed else "Every extra library is at its pinned version.")
+    if report.restart_for:
+        raise RestartRequired(restart_message(report.restart_for, report.changed))
+    return InstallReport(installed=installed, left_alone=report.left_alone, changed=report.changed)
 
 
 def module_name(distribution: str) -> str:

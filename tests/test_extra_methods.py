@@ -108,3 +108,21 @@ def test_gguf_py_reads_its_own_quantization_sizes():
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     assert GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0] == (32, 18)
+
+
+def test_colab_installs_notebook_07s_extras_from_the_pins_and_nothing_elsewhere(monkeypatch, capsys):
+    import sys
+
+    from helpers import colab
+
+    root = Path(__file__).resolve().parents[1]
+    assert colab.read_no_deps_pins(REQUIREMENTS) == {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0"}
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert colab.install_extras_on_colab(root, colab.BEYOND_BITSANDBYTES_LIBRARIES) is None
+    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
+    calls = []
+    monkeypatch.setattr(colab, "pip_install", lambda *args, **kwargs: calls.append(args))
+    report = colab.install_extras_on_colab(root, colab.BEYOND_BITSANDBYTES_LIBRARIES)  # all present here
+    assert calls == [] and report.installed == [] and "at its pinned version" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not pinned in requirements.txt: vllm"):
+        colab.install_extras_on_colab(root, ("hqq", "vllm"))

@@ -562,3 +562,180 @@ def training_settings(profile_name: str, compute_dtype: torch.dtype, on_gpu: boo
         else "gradient checkpointing off: on a CPU it would only cost time",
     )
     return TrainingSettings(steps, batch_size, learning_rate, steps // 10, on_gpu, loss_scaling, reasons)
+
+
+# --------------------------------------------------------------------------------------------- the same run through TRL
+
+
+def sft_config_kwargs(settings: TrainingSettings, output_dir: str | Path, save_steps: int,
+                      save_total_limit: int, seed: int = 0) -> dict:
+    """Keyword arguments for ``trl.SFTConfig`` that make ``SFTTrainer`` repeat notebook 06's explicit loop.
+
+    Each one undoes a default that would make the two runs differ (pure, so it is tested without trl's trainer):
+
+    - ``train_sampling_strategy="sequential"`` and ``shuffle_dataset=False``: the items in the order the loop took
+      them (transformers' default sampler is random);
+    - ``max_grad_norm=0.0``: no gradient clipping (transformers clips at 1.0 by default; the loop does not clip);
+    - ``bf16=False`` (trl turns bfloat16 autocast on unless told otherwise) and ``fp16`` only where the loop scales
+      the loss (float16 compute), so that the trainer's ``GradScaler`` is on exactly when the loop's is;
+    - ``activation_checkpointing`` (transformers 5's name for gradient checkpointing) as the loop decided (trl's
+      default is on);
+    - ``completion_only_loss=True``: the loss on the answer tokens only, as ``helpers.pricer.encode_for_training``;
+    - ``max_length=None``: nothing truncated (trl truncates at 1,024 tokens by default);
+    - ``logging_steps=1``: one logged loss per step, the curve to compare; checkpoints every ``save_steps`` steps, of
+      which only the last ``save_total_limit`` are kept on disk.
+
+    The optimizer and the learning-rate schedule are not here: pass the loop's own to ``SFTTrainer(optimizers=...)``.
+    """
+    if not isinstance(settings, TrainingSettings):
+        raise TypeError(f"settings must be the TrainingSettings of helpers.lora.training_settings, got {type(settings).__name__}.")
+    for name, value in (("save_steps", save_steps), ("save_total_limit", save_total_limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if not str(output_dir).strip():
+        raise ValueError("output_dir is empty: pass the folder for the checkpoints (e.g. a tempfile.TemporaryDirectory).")
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": settings.steps,
+        "per_device_train_batch_size": settings.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": settings.learning_rate,
+        "train_sampling_strategy": "sequential",
+        "shuffle_dataset": False,
+        "max_grad_norm": 0.0,
+        "bf16": False,
+        "fp16": settings.loss_scaling,
+        "activation_checkpointing": settings.gradient_checkpointing,  # transformers 5's name for it
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "completion_only_loss": True,
+        "max_length": None,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "save_total_limit": save_total_limit,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,  # batches of a few kB: pinning buys nothing (and warns on a CPU)
+        "seed": seed,
+    }
+
+
+def trainer_loss_tolerance(compute_dtype: torch.dtype) -> float:
+    """How far a logged ``SFTTrainer`` loss may be from the explicit loop's at the same step (absolute).
+
+    Both runs compute the same mean cross-entropy, but not in the same order: trl scores the answer tokens with its
+    fused LM head (in tiles, without the full logits) and divides a sum by the count. In float32 those differences
+    stay in the late decimals over a short run (1e-3 leaves a wide margin); with float16 mixed precision the trainer
+    also runs the LoRA matmuls under autocast, so its losses may differ by a few hundredths.
+    """
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {compute_dtype!r}")
+    return 1e-3 if compute_dtype == torch.float32 else 5e-2
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[str]:
+    """The ``checkpoint-<step>`` folders a transformers Trainer left in ``output_dir``, in step order."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass the trainer's output_dir.")
+    found = [p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+             and p.name.removeprefix("checkpoint-").isdigit()]
+    return sorted(found, key=lambda name: int(name.removeprefix("checkpoint-")))
+
+
+# --------------------------------------------------------------------------------------------- reading a loss curve
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start), as a list as long as ``values``."""
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"window must be a positive int (how many steps to average), got {window!r}.")
+    values = [float(v) for v in values]
+    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
+def epoch_ends(n_items: int, batch_size: int, steps: int) -> list[int]:
+    """The steps (counted from 1) after which a pass over ``n_items`` items, taken in order, is complete.
+
+    Step ``s`` has seen ``s * batch_size`` items; an epoch ends at the first step that reaches a multiple of
+    ``n_items``. A run of fewer than ``n_items / batch_size`` steps has none.
+    """
+    for name, value in (("n_items", n_items), ("batch_size", batch_size), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    ends, epoch = [], 1
+    for step in range(1, steps + 1):
+        if step * batch_size >= epoch * n_items:
+            ends.append(step)
+            epoch = step * batch_size // n_items + 1
+    return ends
+
+
+# --------------------------------------------------------------------------------------------- optimizer states
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+BNB_8BIT_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers keep one float32 scale (absmax) per 256 values per state
+BNB_MIN_8BIT_SIZE = 4096  # tensors with fewer values keep 32-bit states (bitsandbytes' min_8bit_size default)
+BNB_PAGED_MIN_SIZE = 100_000  # bitsandbytes pages only state buffers of at least this many values
+BNB_QMAP_BYTES = 2 * 256 * 4  # the two 256-entry float32 code books of an 8-bit optimizer, shared by all tensors
+
+
+@dataclass(frozen=True)
+class OptimizerStateMemory:
+    """Bytes of AdamW's two moments for one optimizer; ``paged`` of them may move to CPU RAM when the GPU is full."""
+
+    optimizer: str
+    trainable_params: int
+    total: int
+    paged: int
+
+
+def lora_tensor_sizes(config, r: int, target_modules: Sequence[str]) -> list[int]:
+    """The number of values of every LoRA matrix (``lora_A``: ``r * in``, ``lora_B``: ``out * r``), layer by layer."""
+    breakdown = lora_param_breakdown(config, r, target_modules)
+    per_layer = [size for row in breakdown.rows for size in (row.r * row.in_features, row.out_features * row.r)]
+    return per_layer * breakdown.num_layers
+
+
+def optimizer_state_memory(tensor_sizes: Sequence[int], optimizer: str) -> OptimizerStateMemory:
+    """AdamW's state bytes for trainable tensors of the given sizes, as bitsandbytes or torch allocate them.
+
+    - ``"adamw"`` (torch or bitsandbytes, 32-bit): two float32 moments, 8 bytes per value.
+    - ``"adamw8bit"``: each tensor of at least ``BNB_MIN_8BIT_SIZE`` values keeps both moments as uint8 codes
+      (2 bytes per value) plus one float32 scale per block of ``BNB_8BIT_BLOCKSIZE`` values per moment; smaller
+      tensors stay 32-bit; the two code books are counted once.
+    - ``"paged_..."``: the same bytes, but buffers of at least ``BNB_PAGED_MIN_SIZE`` values live in CUDA unified
+      memory, which the driver moves to CPU RAM when the GPU runs out instead of failing: they save no bytes, they
+      survive memory spikes. Paging needs a CUDA GPU; on a CPU bitsandbytes falls back to ordinary buffers.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+    sizes = list(tensor_sizes)
+    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0 for n in sizes):
+        raise ValueError("tensor_sizes must be positive ints (the number of values of each trainable tensor).")
+    eight_bit = optimizer.endswith("8bit")
+    total = paged = 0
+    for n in sizes:
+        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            state, scales = 2 * n, 2 * 4 * math.ceil(n / BNB_8BIT_BLOCKSIZE)
+        else:
+            state, scales = ADAMW_STATES_PER_PARAMETER * 4 * n, 0
+        total += state + scales
+        if optimizer.startswith("paged_") and n >= BNB_PAGED_MIN_SIZE:
+            paged += state
+    if eight_bit and any(n >= BNB_MIN_8BIT_SIZE for n in sizes):
+        total += BNB_QMAP_BYTES
+    return OptimizerStateMemory(optimizer, sum(sizes), total, paged)
+
+
+def runnable_optimizers(on_gpu: bool) -> dict[str, str]:
+    """Which of ``OPTIMIZERS`` really run on this hardware, each with the reason (pure: tested with the GPU faked)."""
+    if not isinstance(on_gpu, bool):
+        raise TypeError(f"on_gpu must be a bool, got {on_gpu!r}.")
+    runs = {"adamw": "torch.optim.AdamW, everywhere",
+            "adamw8bit": "bitsandbytes.optim.AdamW8bit: bitsandbytes has CPU and CUDA kernels for it"}
+    if on_gpu:
+        runs["paged_adamw"] = "bitsandbytes.optim.PagedAdamW: CUDA unified memory"
+        runs["paged_adamw8bit"] = "bitsandbytes.optim.PagedAdamW8bit: CUDA unified memory"
+    return runs

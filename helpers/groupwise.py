@@ -300,24 +300,25 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     u = inverse_hessian_factor(hessian, damping)
     w = weight.to(torch.float32).clone()
     w[:, torch.diag(hessian) == 0] = 0  # inputs always zero: nothing to preserve
-    column_scales = _expand(scales, group_size).to(torch.float32)
-    column_zeros = None if zero_points is None else _expand(zero_points, group_size).to(torch.float32)
-    codes = torch.empty(w.shape, dtype=CODE_DTYPE)
+    # one row per input column (transposed), so that the loop below reads and writes contiguous memory
+    column_scales = _expand(scales, group_size).to(torch.float32).t().contiguous()
+    column_zeros = None if zero_points is None else _expand(zero_points, group_size).to(torch.float32).t().contiguous()
+    codes = torch.empty(columns, w.shape[0], dtype=torch.float32)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block = w[:, start:end].clone()
+        block = w[:, start:end].t().contiguous()  # (block columns, rows)
         errors = torch.zeros_like(block)
         for i in range(end - start):
             column = start + i
-            zero = None if column_zeros is None else column_zeros[:, column]
-            code = quantize_with(block[:, i], column_scales[:, column], zero, bits)
-            quantized = dequantize_with(code, column_scales[:, column], zero)
-            codes[:, column] = code.to(CODE_DTYPE)
-            errors[:, i] = (block[:, i] - quantized) / u[column, column]
+            zero = None if column_zeros is None else column_zeros[column]
+            codes[column] = quantize_with(block[i], column_scales[column], zero, bits)
+            quantized = dequantize_with(codes[column], column_scales[column], zero)
+            errors[i] = (block[i] - quantized) / u[column, column]
             # the columns after i in this block absorb the error now
-            block[:, i + 1:] -= errors[:, i].unsqueeze(1) * u[column, column + 1:end].unsqueeze(0)
+            block[i + 1:] -= u[column, column + 1:end].unsqueeze(1) * errors[i].unsqueeze(0)
         # the columns after the block absorb the whole block's error in one product
-        w[:, end:] -= errors.matmul(u[start:end, end:])
+        w[:, end:] -= errors.t().contiguous().matmul(u[start:end, end:])
+    codes = codes.t().to(CODE_DTYPE)
     return GroupwiseQuantized(codes, scales, zero_points, bits, group_size, symmetric,
                               (int(weight.shape[0]), int(weight.shape[1])))
 
@@ -344,13 +345,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 @torch.no_grad()
 def layer_inputs(model: nn.Module, layer_index: int, calibration: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """What each Linear of decoder layer ``layer_index`` receives on the calibration sequences (token ids
-    ``(sequences, tokens)``), one tensor per sequence; the forward pass stops after that layer."""
+    ``(sequences, tokens)``), one ``(1, tokens, features)`` tensor per sequence. All sequences go through the model
+    in one batch, and the forward pass stops after that layer."""
     layer = decoder_layers(model)[layer_index]
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
 
     def keep(name):
-        return lambda module, args, output: seen[name].append(args[0].detach().float())
+        return lambda module, args, output: seen[name].extend(args[0].detach().float().split(1))
 
     def stop(module, args, output):
         raise _StopForward
@@ -359,11 +361,9 @@ def layer_inputs(model: nn.Module, layer_index: int, calibration: torch.Tensor) 
     hooks.append(layer.register_forward_hook(stop))
     device = next(model.parameters()).device
     try:
-        for sequence in calibration:
-            try:
-                model(input_ids=sequence.unsqueeze(0).to(device))
-            except _StopForward:
-                pass
+        model(input_ids=calibration.to(device))
+    except _StopForward:
+        pass
     finally:
         for hook in hooks:
             hook.remove()
@@ -494,6 +494,7 @@ class ComparisonPlan:
 
     num_layers: int
     bit_widths: tuple[int, ...]
+    awq_bit_widths: tuple[int, ...]  # AWQ is used (and searched) at 4 bits, its usual setting
     group_size: int
     calibration_layers: tuple[int, ...]  # decoder layers that GPTQ and AWQ quantize (and RTN beside them)
     calibration_sequences: int
@@ -524,7 +525,7 @@ def comparison_plan(num_layers: int, device: str, full_layers_at_most: int = 8) 
         reason = (f"{num_layers} decoder layers: GPTQ and AWQ quantize layers {', '.join(map(str, layers))} only "
                   f"(one column at a time is slow at this size), RTN beside them on the same layers; RTN, HQQ, "
                   f"GGUF and bitsandbytes also quantize the whole model")
-    return ComparisonPlan(num_layers=num_layers, bit_widths=(4, 3, 2), group_size=64, calibration_layers=layers,
+    return ComparisonPlan(num_layers=num_layers, bit_widths=(4, 3, 2), awq_bit_widths=(4,), group_size=64, calibration_layers=layers,
                           calibration_sequences=8 if device == "cpu" else 16, eval_windows=8, reason=reason)
 
 
@@ -597,3 +598,13 @@ class cpu_pin_memory_workaround:
     def __exit__(self, *exc):
         self._cls.pin_memory = self._original
         return False
+
+
+def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The labels of the points no other point beats on both axes (fewer bits AND lower error), by bits (pure)."""
+    frontier, best = [], math.inf
+    for label, (bits, error) in sorted(points.items(), key=lambda item: (item[1][0], item[1][1])):
+        if error < best:
+            frontier.append(label)
+            best = error
+    return frontier

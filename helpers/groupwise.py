@@ -260,6 +260,24 @@ def gptq_hessian(inputs: Iterable[torch.Tensor]) -> torch.Tensor:
     return hessian / samples
 
 
+class one_thread:
+    """Run torch on one CPU thread inside the block (the previous count comes back after it).
+
+    LAPACK's Cholesky factorisation and inverse split their work by thread count, so their last bits depend on it;
+    GPTQ amplifies a last bit into a different code now and then. Factorising on one thread makes the result the
+    same on every machine (and a comparison with a library fair: run both inside this block).
+    """
+
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
+        return False
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING) -> torch.Tensor:
     """The upper Cholesky factor U of ``(H + damping * mean(diag H) * I)^-1``: row i of U, divided by ``U[i, i]``,
     says how the error made on column i is spread over the columns after it.
@@ -274,10 +292,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING)
     diagonal = torch.diagonal(h)
     diagonal.masked_fill_(diagonal == 0, 1.0)
     diagonal.add_(damping * torch.mean(torch.diag(h)))
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        raise ValueError("the damped Hessian is not positive definite: raise damping or give more calibration data")
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    with one_thread():
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0:
+            raise ValueError("the damped Hessian is not positive definite: raise damping or give more calibration data")
+        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
 @torch.no_grad()

@@ -322,7 +322,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     # one row per input column (transposed), so that the loop below reads and writes contiguous memory
     column_scales = _expand(scales, group_size).to(torch.float32).t().contiguous()
     column_zeros = None if zero_points is None else _expand(zero_points, group_size).to(torch.float32).t().contiguous()
-    codes = torch.empty(columns, w.shape[0], dtype=torch.float32)
+    codes = torch.empty(columns, w.shape[0], dtype=torch.float32, device=w.device)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         block = w[:, start:end].t().contiguous()  # (block columns, rows)

@@ -240,3 +240,12 @@ def test_runnable_optimizers_by_hardware():
     assert set(lora.runnable_optimizers(on_gpu=True)) == set(lora.OPTIMIZERS)
     with pytest.raises(TypeError, match="on_gpu"):
         lora.runnable_optimizers("yes")
+
+
+def test_notebook_06_colab_extras_are_pinned():
+    """Notebook 06 asks Colab for trl and datasets: both must be exact pins of requirements.txt."""
+    from helpers import colab
+
+    pins = colab.read_pins((REPO_ROOT / "requirements.txt").read_text())
+    assert {"trl", "datasets"} <= set(pins)
+    assert colab.install_extras_on_colab(REPO_ROOT, ("trl", "datasets")) is None  # not on Colab: installs nothing

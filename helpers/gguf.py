@@ -324,7 +324,8 @@ def gguf_plan(model: nn.Module, weight_type: str) -> dict[str, tuple[tuple[int, 
     plan = {}
     for name, parameter in model.named_parameters(remove_duplicate=True):
         shape = tuple(parameter.shape)
-        fits = len(shape) == 2 and (weight_type in ("F32", "F16") or shape[-1] % BLOCK_FORMATS[weight_type].block_size == 0)
+        fits = len(shape) == 2 and (weight_type in ("F32", "F16")
+                                    or shape[-1] % BLOCK_FORMATS[weight_type].block_size == 0)
         plan[gguf_tensor_name(name)] = (shape, weight_type if fits else "F32")
     return plan
 

@@ -544,7 +544,8 @@ def comparison_plan(num_layers: int, device: str, full_layers_at_most: int = 8) 
         reason = (f"{num_layers} decoder layers: GPTQ and AWQ quantize layers {', '.join(map(str, layers))} only "
                   f"(one column at a time is slow at this size), RTN beside them on the same layers; RTN, HQQ, "
                   f"GGUF and bitsandbytes also quantize the whole model")
-    return ComparisonPlan(num_layers=num_layers, bit_widths=(4, 3, 2), awq_bit_widths=(4,), group_size=64, calibration_layers=layers,
+    return ComparisonPlan(num_layers=num_layers, bit_widths=(4, 3, 2), awq_bit_widths=(4,), group_size=64,
+                          calibration_layers=layers,
                           calibration_sequences=8 if device == "cpu" else 16, eval_windows=8, reason=reason)
 
 

@@ -74,7 +74,7 @@ def test_llmcompressor_awq_quantizes_a_small_llama_on_the_cpu_with_the_workaroun
 
     from helpers import profiles
 
-    # oneshot reads the config (and a tokenizer) from the model's folder: save it with the shipped tiny Llama's tokenizer
+    # oneshot reads the config (and a tokenizer) from the model's folder: save it, with the tiny Llama's tokenizer
     tokenizer = AutoTokenizer.from_pretrained(profiles.get_profile("tiny").model_id)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -89,7 +89,8 @@ def test_llmcompressor_awq_quantizes_a_small_llama_on_the_cpu_with_the_workaroun
     # AWQ folded its scales into the norm before gate/up (it starts as all ones) ...
     assert not torch.equal(model.model.layers[0].post_attention_layernorm.weight.detach(), torch.ones(128))
     # ... and the weights the model now multiplies by take at most 16 values per group
-    used = fake_quantize(down.weight.detach(), down.weight_scale, down.weight_zero_point, down.quantization_scheme.weights)
+    used = fake_quantize(down.weight.detach(), down.weight_scale, down.weight_zero_point,
+                         down.quantization_scheme.weights)
     assert len(torch.unique(used[0, :128])) <= 16 and not torch.equal(used, before)
 
 

@@ -204,7 +204,8 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest_exactly():
     # uncorrelated calibration inputs give a Hessian that is a multiple of the identity: the same result
     hessian = gptq_hessian([torch.eye(256).unsqueeze(0)])
     assert torch.equal(hessian, hessian[0, 0] * torch.eye(256)) and float(hessian[0, 0]) == pytest.approx(2.0)
-    assert torch.equal(gptq_quantize(weight, hessian, 3, 64, False).codes, quantize_groupwise(weight, 3, 64, False).codes)
+    assert torch.equal(gptq_quantize(weight, hessian, 3, 64, False).codes,
+                       quantize_groupwise(weight, 3, 64, False).codes)
 
 
 def test_gptq_is_never_worse_than_round_to_nearest_on_correlated_inputs():
@@ -320,7 +321,8 @@ def test_awq_model_folds_scales_without_changing_the_float_function():
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
     bits_per_weight = groupwise.awq_model_(model, calibration, 8, 32, False, grid=4)
     assert bits_per_weight == bits_per_weight_formula(8, 32, False)
-    assert not torch.equal(model.model.layers[0].input_layernorm.weight, reference.model.layers[0].input_layernorm.weight)
+    norm, reference_norm = model.model.layers[0].input_layernorm, reference.model.layers[0].input_layernorm
+    assert not torch.equal(norm.weight, reference_norm.weight)
     with torch.no_grad():  # at 8 bits only the folding is left, and it must not change what the model computes
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-2)
 

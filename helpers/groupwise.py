@@ -361,6 +361,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _chosen_layers(model: nn.Module, layers: Iterable[int] | None) -> tuple[nn.ModuleList, list[int]]:
+    """The decoder layers and the sorted indices to work on (all when ``layers`` is None), checked."""
+    all_layers = decoder_layers(model)
+    chosen = range(len(all_layers)) if layers is None else list(layers)
+    if not chosen or any(not 0 <= i < len(all_layers) for i in chosen):
+        raise ValueError(f"layers must be indices of the {len(all_layers)} decoder layers, got {list(chosen)}")
+    return all_layers, sorted(chosen)
+
+
 @torch.no_grad()
 def layer_inputs(model: nn.Module, layer_index: int, calibration: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """What each Linear of decoder layer ``layer_index`` receives on the calibration sequences (token ids
@@ -400,12 +409,9 @@ def gptq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_si
     _check_symmetric(symmetric)
     if not isinstance(calibration, torch.Tensor) or calibration.ndim != 2 or calibration.is_floating_point():
         raise ValueError("calibration must be token ids shaped (sequences, tokens)")
-    all_layers = decoder_layers(model)
-    chosen = range(len(all_layers)) if layers is None else list(layers)
-    if not chosen or any(not 0 <= i < len(all_layers) for i in chosen):
-        raise ValueError(f"layers must be indices of the {len(all_layers)} decoder layers, got {list(chosen)}")
+    all_layers, chosen = _chosen_layers(model, layers)
     stored, count = 0.0, 0
-    for index in sorted(chosen):
+    for index in chosen:
         inputs = layer_inputs(model, index, calibration)
         for name, module in all_layers[index].named_modules():
             if isinstance(module, nn.Linear):
@@ -469,12 +475,9 @@ def awq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_siz
     when there are fewer key/value heads than query heads). Returns the true bits per weight."""
     _check_bits(bits)
     _check_symmetric(symmetric)
-    all_layers = decoder_layers(model)
-    chosen = range(len(all_layers)) if layers is None else list(layers)
-    if not chosen or any(not 0 <= i < len(all_layers) for i in chosen):
-        raise ValueError(f"layers must be indices of the {len(all_layers)} decoder layers, got {list(chosen)}")
+    all_layers, chosen = _chosen_layers(model, layers)
     stored, count = 0.0, 0
-    for index in sorted(chosen):
+    for index in chosen:
         layer = all_layers[index]
         attention, mlp = layer.self_attn, layer.mlp
         inputs = layer_inputs(model, index, calibration)

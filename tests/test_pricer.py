@@ -240,3 +240,15 @@ def test_yardstick_claims_are_stated_per_profile():
         pricer.yardstick_claims("tiny", scores_of(1.0, 40.0), {})
     with pytest.raises(ValueError, match="No yardstick claims for profile 'gpt-2'"):
         pricer.yardstick_claims("gpt-2", scores_of(1.0, 40.0), yardsticks)
+
+
+def test_catalogue_pages_hold_every_listing_but_the_excluded_and_never_a_price():
+    test_prompts = [item.prompt for item in pricer.load_split("test")]
+    pages = pricer.catalogue_pages(test_prompts, seed=2024)
+    listings = [listing for page in pages for listing in page.split("\n\n")]
+    assert len(listings) == len(set(listings)) == 6912 - 200  # 3 phrasings x 8 colours x 288 products, less the tests
+    assert not {pricer.make_prompt(listing) for listing in listings} & set(test_prompts)
+    assert not any("$" in page or pricer.QUESTION in page for page in pages)
+    assert pages == pricer.catalogue_pages(test_prompts, seed=2024)  # the seed fixes the order
+    with pytest.raises(ValueError, match="per_page must be at least 1"):
+        pricer.catalogue_pages([], seed=0, per_page=0)

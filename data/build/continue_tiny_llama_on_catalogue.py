@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import random
 import shutil
@@ -58,11 +57,7 @@ TRAINING = dict(
 
 
 def learning_rate(step: int) -> float:
-    t = TRAINING
-    if step < t["warmup_steps"]:
-        return t["peak_learning_rate"] * (step + 1) / t["warmup_steps"]
-    progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
-    return t["min_learning_rate"] + 0.5 * (1 + math.cos(math.pi * progress)) * (t["peak_learning_rate"] - t["min_learning_rate"])
+    return stage1.warmup_cosine(step, TRAINING)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # for `helpers`
 
 from helpers import lora, pricer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the tiny Llama's schedule
+from train_tiny_llama import warmup_cosine  # noqa: E402
 from helpers.environment import seed_everything  # noqa: E402
 
 BASE_DIR = REPO_ROOT / "data" / "tiny-llama"
@@ -73,12 +74,8 @@ def load_base(base_dir: Path, compute_dtype: torch.dtype):
 
 
 def learning_rate(step: int) -> float:
-    """Linear warm-up, then a cosine decay from the peak to the minimum."""
-    t = TRAINING
-    if step < t["warmup_steps"]:
-        return t["peak_learning_rate"] * (step + 1) / t["warmup_steps"]
-    progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
-    return t["min_learning_rate"] + 0.5 * (1 + math.cos(math.pi * progress)) * (t["peak_learning_rate"] - t["min_learning_rate"])
+    """Linear warm-up, then a cosine decay from the peak to the minimum (the tiny Llama's schedule)."""
+    return warmup_cosine(step, TRAINING)
 
 
 def train(model, tokenizer, items: list[pricer.PricerItem], log_path: Path) -> tuple[float, float]:

@@ -137,7 +137,12 @@ def token_stream(tokenizer, chapters: list[str]) -> torch.Tensor:
 
 
 def learning_rate(step: int) -> float:
-    t = TRAINING
+    return warmup_cosine(step, TRAINING)
+
+
+def warmup_cosine(step: int, t: dict) -> float:
+    """Linear warm-up to ``peak_learning_rate`` over ``warmup_steps``, then a cosine decay to ``min_learning_rate``
+    at ``steps`` (the keys of a TRAINING dict; stage 2 and the adapter's training use it too)."""
     if step < t["warmup_steps"]:
         return t["peak_learning_rate"] * (step + 1) / t["warmup_steps"]
     progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])

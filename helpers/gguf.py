@@ -302,7 +302,9 @@ def llama_metadata(config) -> dict[str, object]:
     """The architecture keys llama.cpp reads for a Llama, from a transformers config (no tokenizer)."""
     return {
         "general.architecture": "llama",
-        "general.name": str(getattr(config, "name_or_path", "") or "llama"),
+        # The model's own name, never the folder it was loaded from: a path would make the file's size depend on
+        # where the course is checked out.
+        "general.name": Path(str(getattr(config, "name_or_path", "") or "llama")).name or "llama",
         "llama.context_length": int(config.max_position_embeddings),
         "llama.embedding_length": int(config.hidden_size),
         "llama.feed_forward_length": int(config.intermediate_size),

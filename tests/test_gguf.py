@@ -185,3 +185,18 @@ def test_bad_input_says_what_was_wrong():
         hg.gguf_tensor_name("model.rotary_emb.inv_freq")
     with pytest.raises(ValueError, match="not a GGUF file"):
         hg.read_gguf_header(__file__)
+
+
+def test_gguf_metadata_names_the_model_not_the_folder_it_was_loaded_from():
+    # CI checks out the course in another folder than the one the notebooks were recorded in: a path in the
+    # metadata would change the file's size there.
+    config = tiny_llama(True).config
+    names = []
+    for where in ("/work/main/data/tiny-llama", "/tmp/a/much/longer/checkout/data/tiny-llama", "data/tiny-llama/"):
+        config.name_or_path = where
+        names.append(hg.llama_metadata(config)["general.name"])
+    assert names == ["tiny-llama"] * 3
+    config.name_or_path = "meta-llama/Llama-3.1-8B"
+    assert hg.llama_metadata(config)["general.name"] == "Llama-3.1-8B"
+    config.name_or_path = ""
+    assert hg.llama_metadata(config)["general.name"] == "llama"

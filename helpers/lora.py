@@ -739,3 +739,167 @@ def runnable_optimizers(on_gpu: bool) -> dict[str, str]:
         runs["paged_adamw"] = "bitsandbytes.optim.PagedAdamW: CUDA unified memory"
         runs["paged_adamw8bit"] = "bitsandbytes.optim.PagedAdamW8bit: CUDA unified memory"
     return runs
+
+
+# --------------------------------------------------------------------------------------------- QLoRA against LoRA
+
+DEQUANTIZE_4BIT_OP = "bitsandbytes::dequantize_4bit"  # every whole-weight dequantization, inside a product or not
+PRODUCT_4BIT_OP = "bitsandbytes::gemm_4bit"  # every forward product with a 4-bit weight (bitsandbytes 0.50)
+
+
+@dataclass(frozen=True)
+class TrainingStepMeasurement:
+    """One forward and backward pass of a batch, watched by ``helpers.memory.TensorPeak``."""
+
+    loss: float
+    step_peak_bytes: int  # the most bytes the step's own tensors held at once (activations, copies, gradients)
+    gpu_peak_bytes: int | None  # the CUDA allocator's peak above what was allocated before the step; None on a CPU
+    products_4bit: int  # forward products with a 4-bit weight
+    dequantized_forward: int  # whole 4-bit weights rebuilt in the forward
+    dequantized_backward: int  # ... and in the backward (for the gradient of the layer's input)
+    inputs_needing_grad_4bit: int  # 4-bit layers whose input required a gradient in this step
+    seconds: tuple[float, ...]  # wall-clock seconds of each timed repeat (not compared by CI)
+
+
+def measure_training_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                          timed_repeats: int = 3) -> TrainingStepMeasurement:
+    """Measure a training step of ``model`` on ``batch``: one watched forward + backward, then ``timed_repeats``
+    timed ones. The optimizer is left out on purpose (it is the same for LoRA and QLoRA, and a step would change
+    the weights): gradients are computed, measured and reset to None, the weights never change.
+
+    The count of bitsandbytes ``Linear4bit`` layers whose input needed a gradient, taken with forward hooks, is what
+    the backward's dequantizations should equal: ``MatMul4Bit.backward`` rebuilds the weight only for that gradient.
+    """
+    import time
+
+    from helpers.memory import TensorPeak
+
+    if isinstance(timed_repeats, bool) or not isinstance(timed_repeats, int) or timed_repeats < 1:
+        raise ValueError(f"timed_repeats must be a positive int, got {timed_repeats!r}.")
+    if "labels" not in batch:
+        raise ValueError("batch has no 'labels': pass a training batch (helpers.pricer.collate_for_training).")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no parameter requires a gradient: wrap the model with peft.get_peft_model first.")
+    device = next(model.parameters()).device
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    import bitsandbytes as bnb
+
+    layers_4bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]  # not peft's wrappers around them
+    needing_grad: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: needing_grad.append(bool(args[0].requires_grad)))
+             for m in layers_4bit]
+    on_gpu = device.type == "cuda"
+
+    def step() -> float:
+        loss = model(**batch).loss
+        loss.backward()
+        for p in trainable:
+            p.grad = None
+        return loss.item()
+
+    try:
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            allocated_before = torch.cuda.memory_allocated()
+        with TensorPeak() as watched:
+            loss = model(**batch).loss
+            forward_counts = dict(watched.op_counts)
+            loss.backward()
+        gpu_peak = torch.cuda.max_memory_allocated() - allocated_before if on_gpu else None
+        loss_value = loss.item()
+        del loss
+        for p in trainable:
+            p.grad = None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seconds = []
+    for _ in range(timed_repeats):
+        start = time.perf_counter()
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    dequantized_forward = forward_counts.get(DEQUANTIZE_4BIT_OP, 0)
+    return TrainingStepMeasurement(
+        loss=loss_value, step_peak_bytes=watched.peak_bytes, gpu_peak_bytes=gpu_peak,
+        products_4bit=forward_counts.get(PRODUCT_4BIT_OP, 0), dequantized_forward=dequantized_forward,
+        dequantized_backward=watched.op_counts.get(DEQUANTIZE_4BIT_OP, 0) - dequantized_forward,
+        inputs_needing_grad_4bit=sum(needing_grad), seconds=tuple(seconds))
+
+
+# --------------------------------------------------------------------------------------------- LoftQ
+
+def loftq_factors(residual: torch.Tensor, rank: int, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoftQ's starting LoRA matrices for one layer: ``A`` (r, in) and ``B`` (out, r) such that
+    ``scaling * B @ A`` is the best rank-``r`` approximation of ``residual = W - Q(W)``, the quantization error.
+
+    The singular value decomposition ``U S V^T`` of the residual gives it: keep the ``r`` largest singular values,
+    and give each factor the square root of each (``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``), divided by
+    ``sqrt(scaling)`` so that the layer's update ``scaling * B @ A`` is that approximation. peft 0.21.2's LoftQ
+    makes the same split without the division, whatever ``lora_alpha / r`` is (peft issue #1982): pass
+    ``scaling=1.0`` to get its factors. Computed in float32 on the residual's device.
+    """
+    if not isinstance(residual, torch.Tensor) or residual.dim() != 2 or not residual.is_floating_point():
+        raise ValueError(f"residual must be a 2-D float tensor (out, in), got "
+                         f"{getattr(residual, 'shape', type(residual).__name__)}.")
+    rank = _check_rank(rank)
+    if rank > min(residual.shape):
+        raise ValueError(f"rank {rank} is larger than the residual allows (its shape is {tuple(residual.shape)}).")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not scaling > 0 or math.isinf(scaling):
+        raise ValueError(f"scaling must be a positive number (lora_alpha / r), got {scaling!r}.")
+    U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    root = (S[:rank] / scaling).sqrt()
+    return (root[:, None] * Vh[:rank]).contiguous(), (U[:, :rank] * root).contiguous()
+
+
+def loftq_error_ratio_formula(residual: torch.Tensor, rank: int, scaling: float) -> float:
+    """``‖R - scaling·R_r‖ / ‖R‖`` when the update is ``scaling`` times the best rank-r approximation ``R_r``.
+
+    ``R_r`` and ``R - R_r`` are orthogonal, so the squared error is ``‖R - R_r‖² + (1 - scaling)²‖R_r‖²``: at
+    ``scaling = 1`` LoftQ removes ``‖R_r‖²``, at ``scaling = 2`` it leaves the error exactly as large as before.
+    """
+    S = torch.linalg.svdvals(residual.double())
+    kept, rest = (S[:rank] ** 2).sum(), (S[rank:] ** 2).sum()
+    return math.sqrt((rest + (1 - scaling) ** 2 * kept) / (kept + rest))
+
+
+def apply_loftq_(peft_model, original_weight, split_for_scaling: bool = True,
+                 adapter_name: str = "default") -> dict[str, float]:
+    """Set every 4-bit LoRA layer's ``A`` and ``B`` to LoftQ's start (in place) and return, per layer,
+    ``‖W - Q(W) - scaling·B@A‖ / ‖W - Q(W)‖``: 1.0 is the default start (``B = 0``), lower is better.
+
+    ``original_weight(name)`` returns a layer's unquantized weight ``W`` by its checkpoint name (e.g.
+    ``model.layers.0.self_attn.q_proj.weight``; ``helpers.models.checkpoint_reader`` gives one). With
+    ``split_for_scaling=False`` the factors are peft 0.21.2's, which ignore ``lora_alpha / r``.
+    """
+    layers = [(name, module) for name, module in _lora_layers(peft_model, adapter_name)
+              if getattr(module.get_base_layer().weight, "quant_state", None) is not None]
+    if not layers:
+        raise ValueError("No LoRA layer on a bitsandbytes 4-bit weight: LoftQ starts from a model loaded in 4 bits "
+                         "(helpers.models.load_model(profile, 'nf4-dq')) and wrapped with get_peft_model.")
+    ratios = {}
+    with torch.no_grad():
+        for name, module in layers:
+            A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            quantized = base_weight_float32(module)
+            residual = original_weight(_strip_peft_prefix(name) + ".weight").to(quantized.device).float() - quantized
+            scaling = module.scaling[adapter_name]
+            new_A, new_B = loftq_factors(residual, A.shape[0], scaling if split_for_scaling else 1.0)
+            A.copy_(new_A.to(A.dtype))
+            B.copy_(new_B.to(B.dtype))
+            ratios[_strip_peft_prefix(name)] = ((residual - scaling * (B.float() @ A.float())).norm()
+                                                / residual.norm()).item()
+    return ratios
+
+
+def peft_loftq_runs_here(on_gpu: bool) -> tuple[bool, str]:
+    """Whether peft's own LoftQ (``replace_lora_weights_loftq``) can run here, and why (pure)."""
+    if not isinstance(on_gpu, bool):
+        raise TypeError(f"on_gpu must be a bool, got {on_gpu!r}.")
+    if on_gpu:
+        return True, "a CUDA GPU is here: peft's replace_lora_weights_loftq runs, and is compared with ours"
+    return False, ("peft 0.21.2's LoftQ moves every weight to 'cuda' (or 'xpu') before its SVD, so it cannot run "
+                   "on a CPU; tests/test_lora.py checks our split against peft's own decomposition instead")

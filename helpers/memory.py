@@ -297,6 +297,88 @@ def snapshot(label: str = "now", show: bool = True) -> MemorySnapshot:
     return snap
 
 
+_BUILTIN_OP_NAMESPACES = ("aten", "prim", "prims")
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
+
+
+class TensorPeak:
+    """Count, while active, the bytes of every tensor storage PyTorch creates, and the most alive at once.
+
+    ``with TensorPeak() as watched: ...`` then read ``watched.peak_bytes`` (the most bytes held at one moment by
+    storages created inside the block), ``watched.live_bytes`` (those still alive) and ``watched.op_counts`` (how
+    many times each operator ran, e.g. ``bitsandbytes::dequantize_4bit``). Storages that existed before (the
+    weights) and views of them are not counted: the figure is what the block adds on top.
+
+    It watches operators as PyTorch dispatches them (a ``TorchDispatchMode``), not the allocator, so a CPU gives the
+    same figures on every instruction set, where RSS would not. Custom operators (bitsandbytes') are followed
+    inside, so the dense weight a 4-bit product rebuilds is counted. What it cannot see: scratch memory a C or CUDA
+    kernel uses internally without returning it (cuBLAS workspaces, for example). On a GPU
+    ``torch.cuda.max_memory_allocated`` is the allocator's own, complete, figure.
+    """
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self.live_bytes = 0
+        self.op_counts: dict[str, int] = {}
+        self._mode = None
+
+    def __enter__(self) -> "TensorPeak":
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        watcher, live = self, {}
+
+        def storage_of(value):
+            if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+                return None
+            try:
+                return value.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+                return None
+
+        def freed(key: int, nbytes: int) -> None:
+            if live.pop(key, None) is not None:
+                watcher.live_bytes -= nbytes
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name
+                watcher.op_counts[name] = watcher.op_counts.get(name, 0) + 1
+                flat = tree_flatten((args, kwargs))[0]
+                inputs = {id(s) for s in map(storage_of, flat) if s is not None}
+                device = next((v.device.type for v in flat if isinstance(v, torch.Tensor)), "cpu")
+                if func.namespace not in _BUILTIN_OP_NAMESPACES and device in _BACKEND_KEYS:
+                    # a custom operator (bitsandbytes' dequantization): run its kernel with the watch still on,
+                    # so that the tensors it creates inside (a whole dense weight) are seen too
+                    with self:
+                        out = func.redispatch(torch._C.DispatchKeySet(_BACKEND_KEYS[device]), *args, **(kwargs or {}))
+                else:
+                    out = func(*args, **(kwargs or {}))
+                for storage in map(storage_of, tree_flatten(out)[0]):
+                    # a view or an in-place result shares an input's storage: nothing new was allocated
+                    if storage is None or id(storage) in inputs or id(storage) in live:
+                        continue
+                    nbytes = storage.nbytes()
+                    live[id(storage)] = weakref.finalize(storage, freed, id(storage), nbytes)
+                    watcher.live_bytes += nbytes
+                    watcher.peak_bytes = max(watcher.peak_bytes, watcher.live_bytes)
+                return out
+
+        self._live = live
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._mode = None
+        for finalizer in list(self._live.values()):  # stop watching: nothing may change the figures afterwards
+            finalizer.detach()
+        self._live.clear()
+
+
 def _forget_ipython_outputs() -> None:
     """Drop IPython's Out cache and _, __, ___ so a displayed object does not stay alive."""
     shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
@@ -424,16 +506,32 @@ def plan_notebook(notebook: str, config, on_gpu: bool, limits: MemoryLimits,
         # peft.prepare_model_for_kbit_training upcasts every parameter that is not 4-bit (embeddings, norms,
         # lm_head) to float32: for Llama-3.1-8B that is about 4.2 GB of the QLoRA model's weights.
         dtypes = {scheme: torch.float32 for scheme in dtypes}
-    peaks = {}
-    for scheme in NOTEBOOK_SCHEMES[notebook]:
-        dtype = FLOAT_SCHEMES.get(scheme) or dtypes[scheme]
-        estimate = estimate_footprint(config, scheme, None if scheme in FLOAT_SCHEMES else dtype)
-        peaks[scheme] = estimate.true + activation_bytes(config, dtype, training)
+    peaks = {scheme: _load_peak(config, scheme, FLOAT_SCHEMES.get(scheme) or dtypes[scheme], training)
+             for scheme in NOTEBOOK_SCHEMES[notebook]}
     largest = max(peaks, key=peaks.get)
+    return _plan(notebook, largest, peaks[largest], checkpoint, on_gpu, limits)
+
+
+def _load_peak(config, scheme: str, dtype: torch.dtype, training: bool) -> int:
+    estimate = estimate_footprint(config, scheme, None if scheme in FLOAT_SCHEMES else dtype)
+    return estimate.true + activation_bytes(config, dtype, training)
+
+
+def _plan(label: str, scheme: str, peak: int, checkpoint: int, on_gpu: bool, limits: MemoryLimits) -> MemoryPlan:
     if on_gpu:
-        return MemoryPlan(notebook, largest, peaks[largest] + CUDA_CONTEXT_BYTES, min(checkpoint, MAX_SHARD_BYTES),
-                          limits)
-    return MemoryPlan(notebook, largest, None, peaks[largest] + checkpoint, limits)
+        return MemoryPlan(label, scheme, peak + CUDA_CONTEXT_BYTES, min(checkpoint, MAX_SHARD_BYTES), limits)
+    return MemoryPlan(label, scheme, None, peak + checkpoint, limits)
+
+
+def plan_optional_load(label: str, config, scheme: str, on_gpu: bool, limits: MemoryLimits,
+                       training: bool = False) -> MemoryPlan:
+    """The plan of one load a notebook makes only where it fits (pure), e.g. a 16-bit base to compare LoRA with
+    QLoRA: the notebook skips that part, saying why, where ``fits`` is False, instead of stopping."""
+    if scheme not in FLOAT_SCHEMES:
+        raise ValueError(f"an optional load is a float scheme ({', '.join(FLOAT_SCHEMES)}), got {scheme!r}.")
+    checkpoint = estimate_footprint(config, "bf16").reported
+    return _plan(label, scheme, _load_peak(config, scheme, FLOAT_SCHEMES[scheme], training), checkpoint, on_gpu,
+                 limits)
 
 
 def check_memory_plan(plan: MemoryPlan, profile_name: str) -> None:

@@ -180,6 +180,54 @@ def memory_plan(notebook: str, profile: Profile, hardware: Hardware, limits: mem
     return memory.plan_notebook(notebook, config, on_gpu, limits, dtypes)
 
 
+def lora_base_scheme(hardware: Hardware) -> str:
+    """The float scheme of a LoRA run without quantization on this hardware: the 4-bit compute dtype's
+    (``compute_dtype_for``), so that LoRA and QLoRA compute in the same dtype and differ only in the base."""
+    dtype, _ = compute_dtype_for(hardware)
+    return next(scheme for scheme, float_dtype in FLOAT_SCHEMES.items() if float_dtype == dtype)
+
+
+def check_optional_load(label: str, profile: Profile, scheme: str, hardware: Hardware | None = None,
+                        training: bool = False) -> memory.MemoryPlan:
+    """Print the plan of a load a notebook makes only where it fits, and whether it does; never raises for size."""
+    hardware = hardware or detect_hardware()
+    config = memory.load_reference_config(profile.reference_config)
+    plan = memory.plan_optional_load(label, config, scheme, hardware.device == "cuda", machine_limits(hardware),
+                                     training)
+    where = "runs on the CPU" if plan.gpu_peak is None else f"GPU peak {plan.gpu_peak / 1e9:.2f} GB"
+    print(f"Memory plan for {label} with {profile.name}: {scheme}; {where}; CPU peak {plan.cpu_peak / 1e9:.2f} GB; "
+          f"{'fits' if plan.fits else 'does not fit, so it is skipped'}")
+    return plan
+
+
+def checkpoint_reader(profile: Profile):
+    """A function ``name -> tensor`` reading one unquantized weight from the profile's safetensors checkpoint (the
+    shipped folder, or the Hub snapshot ``from_pretrained`` already downloaded), lazily: one tensor at a time."""
+    from safetensors import safe_open
+
+    if profile.on_hub:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(profile.model_id, allow_patterns=["*.safetensors", "*.json"]))
+    else:
+        folder = Path(profile.model_id)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No .safetensors file in {folder}: LoftQ reads the unquantized weights from there.")
+    where = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), path))
+
+    def read(name: str) -> torch.Tensor:
+        if name not in where:
+            raise KeyError(f"{name!r} is not in {profile.model_id}'s checkpoint (e.g. {next(iter(where))!r}).")
+        with safe_open(str(where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return read
+
+
 def check_memory_before_loading(notebook: str, profile: Profile, hardware: Hardware | None = None) -> memory.MemoryPlan:
     """Print the notebook's peak memory for this profile here, and stop with advice if it will not fit."""
     hardware = hardware or detect_hardware()

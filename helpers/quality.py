@@ -166,3 +166,55 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
         for row, index in enumerate(indices):
             outputs[index] = tokenizer.decode(generated[row, length:], skip_special_tokens=True)
     return outputs
+
+
+@dataclass(frozen=True)
+class GenerationSpeed:
+    """Greedy generation of a fixed number of new tokens, timed (wall clock: not compared by CI)."""
+
+    new_tokens: int
+    prompt_tokens: int
+    seconds: tuple[float, ...]  # each timed run, after one untimed warm-up
+    token_ids: tuple[int, ...]  # what the runs generated (identical in every run, checked)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / min(self.seconds)
+
+
+@torch.no_grad()
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int = 32, repeats: int = 3) -> GenerationSpeed:
+    """Tokens per second of greedy decoding: ``new_tokens`` exactly (end-of-text cannot stop it early), one prompt,
+    after a warm-up run; the fastest of ``repeats`` runs counts (the others were slowed by something else).
+
+    Decoding one token at a time is the case 4-bit kernels were built for: each step reads every weight once
+    to produce one token, so its speed is set by how fast the weights are read and unpacked.
+    """
+    import time
+
+    for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt must be a non-empty string.")
+    device = model_device(model)
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    settings = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    reference = model.generate(input_ids=input_ids, **settings)
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generated = model.generate(input_ids=input_ids, **settings)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        if not torch.equal(generated, reference):
+            raise RuntimeError("Greedy decoding gave different tokens from one run to the next: something in the "
+                               "model is not deterministic, so its speed cannot be compared.")
+    new = reference[0, input_ids.shape[1]:]
+    if len(new) != new_tokens:
+        raise RuntimeError(f"generate produced {len(new)} new tokens instead of {new_tokens}.")
+    return GenerationSpeed(new_tokens, input_ids.shape[1], tuple(seconds), tuple(new.tolist()))

@@ -902,4 +902,4 @@ def peft_loftq_runs_here(on_gpu: bool) -> tuple[bool, str]:
     if on_gpu:
         return True, "a CUDA GPU is here: peft's replace_lora_weights_loftq runs, and is compared with ours"
     return False, ("peft 0.21.2's LoftQ moves every weight to 'cuda' (or 'xpu') before its SVD, so it cannot run "
-                   "on a CPU; tests/test_lora.py checks our split against peft's own decomposition instead")
+                   "on a CPU; tests/test_qlora_questions.py checks our split against peft's own decomposition instead")

@@ -263,6 +263,10 @@ SCALE_SMOKE_CELLS: tuple[CellCoverage, ...] = (
          ANY_WEIGHTS, "needs a training step; not re-run"),
         ("11. Load it back onto a fresh base", "reloaded adapter identical; memory returned", ANY_WEIGHTS,
          "the reload is not re-run; the release is covered by nf4-dq: release"),
+        ("12. QLoRA against LoRA, measured here", "dequantizations per step; QLoRA holds less at its peak",
+         ANY_WEIGHTS, "holds for any weights; not re-run"),
+        ("13. LoftQ: start LoRA from the quantization error", "peft's split = formula; ours lowers every error",
+         ANY_WEIGHTS, "holds for any weights; not re-run"),
     ),
 )
 """What the scale smoke covers, notebook by notebook, by section heading (tests check the headings exist)."""

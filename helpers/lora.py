@@ -850,9 +850,17 @@ def loftq_factors(residual: torch.Tensor, rank: int, scaling: float = 1.0) -> tu
         raise ValueError(f"rank {rank} is larger than the residual allows (its shape is {tuple(residual.shape)}).")
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not scaling > 0 or math.isinf(scaling):
         raise ValueError(f"scaling must be a positive number (lora_alpha / r), got {scaling!r}.")
+    return _split(*_top_singular(residual, rank), scaling)
+
+
+def _top_singular(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)
-    root = (S[:rank] / scaling).sqrt()
-    return (root[:, None] * Vh[:rank]).contiguous(), (U[:, :rank] * root).contiguous()
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    root = (S / scaling).sqrt()
+    return (root[:, None] * Vh).contiguous(), (U * root).contiguous()
 
 
 def loftq_error_ratio_formula(residual: torch.Tensor, rank: int, scaling: float) -> float:
@@ -866,14 +874,16 @@ def loftq_error_ratio_formula(residual: torch.Tensor, rank: int, scaling: float)
     return math.sqrt((rest + (1 - scaling) ** 2 * kept) / (kept + rest))
 
 
-def apply_loftq_(peft_model, original_weight, split_for_scaling: bool = True,
-                 adapter_name: str = "default") -> dict[str, float]:
+def apply_loftq_(peft_model, original_weight, split_for_scaling: bool = True, adapter_name: str = "default",
+                 svd_cache: dict | None = None) -> dict[str, float]:
     """Set every 4-bit LoRA layer's ``A`` and ``B`` to LoftQ's start (in place) and return, per layer,
     ``‖W - Q(W) - scaling·B@A‖ / ‖W - Q(W)‖``: 1.0 is the default start (``B = 0``), lower is better.
 
     ``original_weight(name)`` returns a layer's unquantized weight ``W`` by its checkpoint name (e.g.
     ``model.layers.0.self_attn.q_proj.weight``; ``helpers.models.checkpoint_reader`` gives one). With
-    ``split_for_scaling=False`` the factors are peft 0.21.2's, which ignore ``lora_alpha / r``.
+    ``split_for_scaling=False`` the factors are peft 0.21.2's, which ignore ``lora_alpha / r``. Pass the same dict
+    as ``svd_cache`` to two calls and the second reuses the first's decompositions (on a 3B model, over a hundred
+    SVDs of 3072 x 3072 matrices).
     """
     layers = [(name, module) for name, module in _lora_layers(peft_model, adapter_name)
               if getattr(module.get_base_layer().weight, "quant_state", None) is not None]
@@ -887,7 +897,13 @@ def apply_loftq_(peft_model, original_weight, split_for_scaling: bool = True,
             quantized = base_weight_float32(module)
             residual = original_weight(_strip_peft_prefix(name) + ".weight").to(quantized.device).float() - quantized
             scaling = module.scaling[adapter_name]
-            new_A, new_B = loftq_factors(residual, A.shape[0], scaling if split_for_scaling else 1.0)
+            if svd_cache is None or name not in svd_cache:
+                top = _top_singular(residual, _check_rank(A.shape[0]))
+                if svd_cache is not None:
+                    svd_cache[name] = top
+            else:
+                top = svd_cache[name]
+            new_A, new_B = _split(*top, scaling if split_for_scaling else 1.0)
             A.copy_(new_A.to(A.dtype))
             B.copy_(new_B.to(B.dtype))
             ratios[_strip_peft_prefix(name)] = ((residual - scaling * (B.float() @ A.float())).norm()

@@ -206,6 +206,21 @@ def test_apply_loftq_lowers_every_weight_error_and_peft_convention_does_not(chec
     assert ours[name] == pytest.approx(lora.loftq_error_ratio_formula(residual, 8, 1.0), abs=1e-5)
 
 
+def test_apply_loftq_with_a_cache_decomposes_each_layer_once_and_gives_the_same_start(checkpoint, monkeypatch):
+    read = models.checkpoint_reader(tiny_profile(checkpoint))
+    plain = load(checkpoint, four_bit=True)
+    lora.apply_loftq_(plain, read, split_for_scaling=True)
+    cached, cache = load(checkpoint, four_bit=True), {}
+    lora.apply_loftq_(cached, read, split_for_scaling=False, svd_cache=cache)
+    assert len(cache) == 2 * len(TARGETS)
+    decompositions = []
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: decompositions.append(a) or None)
+    lora.apply_loftq_(cached, read, split_for_scaling=True, svd_cache=cache)
+    assert decompositions == []  # every layer came from the cache
+    lora_values = lambda m: {n: p for n, p in m.named_parameters() if "lora_" in n}
+    assert all(torch.equal(p, lora_values(cached)[n]) for n, p in lora_values(plain).items())
+
+
 def test_apply_loftq_needs_a_4bit_base(checkpoint):
     with pytest.raises(ValueError, match="4 bits"):
         lora.apply_loftq_(load(checkpoint, four_bit=False), models.checkpoint_reader(tiny_profile(checkpoint)))

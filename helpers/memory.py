@@ -283,11 +283,10 @@ class MemorySnapshot:
 
 def snapshot(label: str = "now", show: bool = True) -> MemorySnapshot:
     """Measure memory now: live tensors, process RSS and, on a GPU, allocated and peak bytes."""
-    gc.collect()
     gpu = torch.cuda.is_available()
     snap = MemorySnapshot(
         label=label,
-        tensors=live_tensor_bytes(),
+        tensors=live_tensor_bytes(),  # collects garbage first, so RSS and the GPU figures below come after it
         rss=process_rss_bytes(),
         gpu_allocated=torch.cuda.memory_allocated() if gpu else None,
         gpu_peak=torch.cuda.max_memory_allocated() if gpu else None,

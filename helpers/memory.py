@@ -25,6 +25,7 @@ from helpers.environment import T4
 SCHEMES = ("fp32", "bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4")
 FLOAT_SCHEMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED_SCHEMES = ("int8", "nf4", "nf4-dq", "fp4")
+FOUR_BIT_SCHEMES = ("nf4", "nf4-dq", "fp4")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' default blocksize for weights
 BNB_NESTED_BLOCKSIZE = 256  # blocksize of double quantization (absmax of absmax)
@@ -492,7 +493,8 @@ def plan_notebook(notebook: str, config, on_gpu: bool, limits: MemoryLimits,
     """Peak GPU and CPU memory a notebook needs for a model config, from the estimator (pure).
 
     ``dtypes`` maps a scheme to the dtype of its non-quantized modules (``from_pretrained_kwargs`` decides
-    it); by default float16 for int8 and bfloat16 for 4-bit. On a GPU the CPU holds at most one checkpoint
+    it); by default float16 for int8 and bfloat16 for 4-bit, which is also a 4-bit layer's compute dtype: its peak
+    holds one rebuilt dense weight (``dense_copy_bytes``). On a GPU the CPU holds at most one checkpoint
     shard while loading; on the CPU the model, its activations and the checkpoint file all live in RAM.
     """
     if notebook not in NOTEBOOK_SCHEMES:
@@ -501,14 +503,25 @@ def plan_notebook(notebook: str, config, on_gpu: bool, limits: MemoryLimits,
               **(dtypes or {})}
     checkpoint = estimate_footprint(config, "bf16").reported  # Meta stores Llama in bfloat16
     training = notebook in TRAINING_NOTEBOOKS
+    compute = dict(dtypes)  # before the upcast: a 4-bit layer still rebuilds its weight in its compute dtype
     if training:
         # peft.prepare_model_for_kbit_training upcasts every parameter that is not 4-bit (embeddings, norms,
         # lm_head) to float32: for Llama-3.1-8B that is about 4.2 GB of the QLoRA model's weights.
         dtypes = {scheme: torch.float32 for scheme in dtypes}
     peaks = {scheme: _load_peak(config, scheme, FLOAT_SCHEMES.get(scheme) or dtypes[scheme], training)
+             + (dense_copy_bytes(config, compute[scheme]) if scheme in FOUR_BIT_SCHEMES else 0)
              for scheme in NOTEBOOK_SCHEMES[notebook]}
     largest = max(peaks, key=peaks.get)
     return _plan(notebook, largest, peaks[largest], checkpoint, on_gpu, limits)
+
+
+def dense_copy_bytes(config, compute_dtype: torch.dtype) -> int:
+    """The largest temporary dense weight a 4-bit model makes: its largest Linear rebuilt in the compute dtype.
+
+    bitsandbytes rebuilds a whole weight for a product past a few tokens (on a CPU, always) and in every backward
+    pass (notebook 03, section 7), one layer at a time: the peak holds one such copy above the 4-bit weights."""
+    rows, columns = max(linear_shapes(config).values(), key=lambda shape: shape[0] * shape[1])
+    return rows * columns * torch.empty((), dtype=compute_dtype).element_size()
 
 
 def _load_peak(config, scheme: str, dtype: torch.dtype, training: bool) -> int:

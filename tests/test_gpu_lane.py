@@ -88,13 +88,14 @@ def test_t4_memory_plan_matches_the_estimator_and_the_automatic_profile_fits(not
     profile = profiles.PROFILES[name]
     plan = models.memory_plan(notebook, profile, T4, memory.T4_LIMITS)
     config = memory.load_reference_config(profile.reference_config)
-    kwargs = {s: models.from_pretrained_kwargs(profile, s, T4)["dtype"] for s in memory.NOTEBOOK_SCHEMES[notebook]}
+    compute = {s: models.from_pretrained_kwargs(profile, s, T4)["dtype"] for s in memory.NOTEBOOK_SCHEMES[notebook]}
     training = notebook in memory.TRAINING_NOTEBOOKS
-    if training:  # prepare_model_for_kbit_training upcasts every module that is not 4-bit to float32
-        kwargs = {s: torch.float32 for s in kwargs}
+    # prepare_model_for_kbit_training upcasts every module that is not 4-bit to float32
+    kwargs = {s: torch.float32 for s in compute} if training else compute
     expected = max(
         memory.estimate_footprint(config, s, None if s in memory.FLOAT_SCHEMES else kwargs[s]).true
         + memory.activation_bytes(config, kwargs[s], training)
+        + (memory.dense_copy_bytes(config, compute[s]) if s in memory.FOUR_BIT_SCHEMES else 0)
         for s in memory.NOTEBOOK_SCHEMES[notebook])
     assert plan.gpu_peak == expected + memory.CUDA_CONTEXT_BYTES
     assert plan.fits, f"{notebook} does not fit a T4 with {name}"
@@ -109,7 +110,18 @@ def test_the_training_plan_counts_the_float32_upcast_of_prepare_model_for_kbit_t
     not_4bit = counts["embeddings"] + counts["norms"] + counts["lm_head"]
     assert upcast - in_bfloat16 == 2 * not_4bit  # 2 more bytes for every value that is not 4-bit
     assert plan.gpu_peak == (upcast + memory.activation_bytes(config, torch.float32, training=True)
-                             + memory.CUDA_CONTEXT_BYTES)
+                             + memory.dense_copy_bytes(config, torch.bfloat16) + memory.CUDA_CONTEXT_BYTES)
+
+
+def test_a_4bit_plan_holds_the_largest_layer_rebuilt_in_its_compute_dtype():
+    config = memory.load_reference_config(profiles.PROFILES["llama-3.1-8b"].reference_config)
+    assert memory.dense_copy_bytes(config, torch.bfloat16) == 14336 * 4096 * 2  # gate_proj, notebook 03 section 7
+    assert memory.dense_copy_bytes(config, torch.float32) == 14336 * 4096 * 4
+    limits = memory.MemoryLimits(gpu_bytes=80 * 10**9, cpu_bytes=64 * 10**9)
+    four_bit = memory.plan_notebook("05_weight_packing", config, True, limits)  # one nf4-dq load, bfloat16 compute
+    estimate = memory.estimate_footprint(config, "nf4-dq", torch.bfloat16).true
+    assert four_bit.gpu_peak == (estimate + memory.activation_bytes(config, torch.bfloat16)
+                                 + memory.dense_copy_bytes(config, torch.bfloat16) + memory.CUDA_CONTEXT_BYTES)
 
 
 def test_llama_8b_in_float32_is_refused_on_a_t4_with_advice():

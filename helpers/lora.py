@@ -767,8 +767,10 @@ def measure_training_step(model: torch.nn.Module, batch: Mapping[str, torch.Tens
     timed ones. The optimizer is left out on purpose (it is the same for LoRA and QLoRA, and a step would change
     the weights): gradients are computed, measured and reset to None, the weights never change.
 
-    The count of bitsandbytes ``Linear4bit`` layers whose input needed a gradient, taken with forward hooks, is what
-    the backward's dequantizations should equal: ``MatMul4Bit.backward`` rebuilds the weight only for that gradient.
+    Measure without gradient checkpointing: with it, the backward pass recomputes the forward, whose products and
+    dequantizations then count as the backward's. The count of bitsandbytes ``Linear4bit`` layers whose input
+    needed a gradient, taken with forward hooks, is what the backward's dequantizations should equal:
+    ``MatMul4Bit.backward`` rebuilds the weight only for that gradient.
     """
     import time
 

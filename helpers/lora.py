@@ -753,6 +753,7 @@ class TrainingStepMeasurement:
 
     loss: float
     step_peak_bytes: int  # the most bytes the step's own tensors held at once (activations, copies, gradients)
+    step_peak_op: str | None  # the operator whose result reached that peak
     gpu_peak_bytes: int | None  # the CUDA allocator's peak above what was allocated before the step; None on a CPU
     products_4bit: int  # forward products with a 4-bit weight
     dequantized_forward: int  # whole 4-bit weights rebuilt in the forward
@@ -826,7 +827,7 @@ def measure_training_step(model: torch.nn.Module, batch: Mapping[str, torch.Tens
         seconds.append(time.perf_counter() - start)
     dequantized_forward = forward_counts.get(DEQUANTIZE_4BIT_OP, 0)
     return TrainingStepMeasurement(
-        loss=loss_value, step_peak_bytes=watched.peak_bytes, gpu_peak_bytes=gpu_peak,
+        loss=loss_value, step_peak_bytes=watched.peak_bytes, step_peak_op=watched.peak_op, gpu_peak_bytes=gpu_peak,
         products_4bit=forward_counts.get(PRODUCT_4BIT_OP, 0), dequantized_forward=dequantized_forward,
         dequantized_backward=watched.op_counts.get(DEQUANTIZE_4BIT_OP, 0) - dequantized_forward,
         inputs_needing_grad_4bit=sum(needing_grad), seconds=tuple(seconds))

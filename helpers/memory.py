@@ -305,7 +305,8 @@ class TensorPeak:
     """Count, while active, the bytes of every tensor storage PyTorch creates, and the most alive at once.
 
     ``with TensorPeak() as watched: ...`` then read ``watched.peak_bytes`` (the most bytes held at one moment by
-    storages created inside the block), ``watched.live_bytes`` (those still alive) and ``watched.op_counts`` (how
+    storages created inside the block), ``watched.peak_op`` (the operator whose result reached it first),
+    ``watched.live_bytes`` (those still alive) and ``watched.op_counts`` (how
     many times each operator ran, e.g. ``bitsandbytes::dequantize_4bit``). Storages that existed before (the
     weights) and views of them are not counted: the figure is what the block adds on top.
 
@@ -318,6 +319,7 @@ class TensorPeak:
 
     def __init__(self) -> None:
         self.peak_bytes = 0
+        self.peak_op: str | None = None  # the operator whose result first reached the peak
         self.live_bytes = 0
         self.op_counts: dict[str, int] = {}
         self._mode = None
@@ -363,7 +365,8 @@ class TensorPeak:
                     nbytes = storage.nbytes()
                     live[id(storage)] = weakref.finalize(storage, freed, id(storage), nbytes)
                     watcher.live_bytes += nbytes
-                    watcher.peak_bytes = max(watcher.peak_bytes, watcher.live_bytes)
+                    if watcher.live_bytes > watcher.peak_bytes:
+                        watcher.peak_bytes, watcher.peak_op = watcher.live_bytes, name
                 return out
 
         self._live = live

@@ -31,6 +31,7 @@ def test_tensor_peak_counts_new_storages_once_and_frees_them():
         third = second + 1  # 8,000 again: the peak stays 8,000
     assert (watched.peak_bytes, watched.live_bytes) == (8 * FLOAT32 * 250, 8 * FLOAT32 * 250)
     assert watched.op_counts == {"aten::view": 1, "aten::add_": 1, "aten::add": 2, "aten::mul": 1}
+    assert watched.peak_op == "aten::mul"  # reached first by `second`; `third` only came back to it
     del second, third, view
     assert watched.live_bytes == 8000, "after the block nothing changes the figures"
 
@@ -55,6 +56,7 @@ def test_tensor_peak_sees_the_dense_weight_inside_bitsandbytes_product(double_qu
     with torch.no_grad(), memory.TensorPeak() as watched:
         layer(x)
     assert watched.peak_bytes == dense + output + absmax
+    assert watched.peak_op == "aten::linear"  # the product's output, while the rebuilt weight is still alive
     assert watched.op_counts["bitsandbytes::gemm_4bit"] == watched.op_counts["bitsandbytes::dequantize_4bit"] == 1
 
 

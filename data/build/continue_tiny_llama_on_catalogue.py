@@ -42,18 +42,8 @@ import train_tiny_llama as stage1  # noqa: E402
 SEED = 4321
 CATALOGUE_SEED = 2024
 CATALOGUE_COPIES = 3  # each listing appears in 3 differently shuffled pages: about a third of the mix's tokens
-TRAINING = dict(
-    sequence_length=256,
-    batch_size=16,
-    steps=300,
-    peak_learning_rate=1e-3,
-    min_learning_rate=1e-4,
-    warmup_steps=30,
-    weight_decay=0.1,
-    betas=(0.9, 0.95),
-    grad_clip=1.0,
-    torch_threads=2,
-)
+# stage 1's recipe, shorter and gentler: it continues a trained model instead of starting one
+TRAINING = {**stage1.TRAINING, "steps": 300, "peak_learning_rate": 1e-3, "min_learning_rate": 1e-4, "warmup_steps": 30}
 
 
 def learning_rate(step: int) -> float:

@@ -29,19 +29,40 @@ PINNED_CPU_NUMERICS = {
     # oneMKL (float32 matrix multiplication) picks kernels by CPU too; conditional numerical reproducibility
     # asks every AVX2-or-better CPU for the AVX2 ones, and STRICT makes them independent of the thread count.
     "MKL_CBWR": "AVX2,STRICT",
-    # oneDNN (16-bit matmuls and some fused ops) would use AVX-512/AMX where present.
+    # oneDNN (16-bit matmuls and some fused ops) would use AVX-512/AMX where present. Only with PyTorch's kernels at
+    # AVX2 or below (see ``coherent_pins``): bitsandbytes' int8 matmul on an AVX512 capability is torch._int_mm,
+    # which oneDNN capped at AVX2 computes with saturating 16-bit pair sums, giving wrong integer products.
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     # A fixed thread count: reductions split across threads add in a thread-dependent order.
     "OMP_NUM_THREADS": "2",
     "MKL_NUM_THREADS": "2",
 }
-"""Environment variables that make CPU results independent of the CPU model and core count. ``setdefault``: a
-value already in the environment wins (the portability check sets other levels on purpose)."""
+"""Environment variables that make CPU results independent of the CPU model and core count. A value already
+in the environment wins (the portability check sets other threads and levels on purpose); ``coherent_pins`` adds the
+rest."""
 
 TORCH_WAS_IMPORTED_FIRST = "torch" in sys.modules
 """True when torch was imported before this package, too late for the pins to reach it (they are read once)."""
 
-for _name, _value in PINNED_CPU_NUMERICS.items():
-    if _name == "MKL_NUM_THREADS":  # one thread count for both pools, also when only OMP_NUM_THREADS was given
-        _value = os.environ["OMP_NUM_THREADS"]
-    os.environ.setdefault(_name, _value)
+def coherent_pins(environ: dict[str, str]) -> dict[str, str]:
+    """The pins to add to ``environ``: every ``PINNED_CPU_NUMERICS`` value it does not set already (pure).
+
+    Two rules keep a partial override coherent. ``MKL_NUM_THREADS`` follows ``OMP_NUM_THREADS``, so both thread
+    pools have one count. oneDNN is capped at AVX2 only while PyTorch's kernels are at AVX2 or below: a user who
+    asks for ``ATEN_CPU_CAPABILITY=avx512`` makes bitsandbytes multiply int8 with ``torch._int_mm``, which is exact
+    on oneDNN's AVX-512 VNNI/AMX kernels and wrong on its AVX2 one (``quantization.int8_matmul_check`` shows it).
+    """
+    added: dict[str, str] = {}
+    threads = environ.get("OMP_NUM_THREADS", PINNED_CPU_NUMERICS["OMP_NUM_THREADS"])
+    for name, value in PINNED_CPU_NUMERICS.items():
+        if name in environ:
+            continue
+        if name == "MKL_NUM_THREADS":
+            value = threads
+        if name == "ONEDNN_MAX_CPU_ISA" and environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx512":
+            continue  # oneDNN at its best level, as PyTorch's kernels are (see the docstring)
+        added[name] = value
+    return added
+
+
+os.environ.update(coherent_pins(dict(os.environ)))

@@ -244,17 +244,31 @@ def live_tensor_bytes() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # touching some torch objects during the scan raises deprecation notes
         for obj in gc.get_objects():
-            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
-                continue
-            try:
-                storage = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                continue
-            if storage.data_ptr() in seen or storage.data_ptr() == 0:
+            storage = real_storage(obj)
+            if storage is None or storage.data_ptr() in seen:
                 continue
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
+
+
+def real_storage(obj: object) -> torch.UntypedStorage | None:
+    """The storage that holds ``obj``'s bytes, or None for anything else.
+
+    None for non-tensors and for tensors without bytes of their own: meta tensors, fake tensors (torch.compile's
+    tracing), functional wrappers and other wrapper subclasses (nested jagged tensors, ...), whose storage raises
+    or has no address. Anything that walks live objects goes through here, so such a tensor is skipped, never fatal.
+    """
+    if not isinstance(obj, torch.Tensor):
+        return None
+    try:
+        if obj.device.type == "meta" or type(obj).__name__ == "FakeTensor" or torch._is_functional_tensor(obj):
+            return None
+        storage = obj.untyped_storage()
+        address = storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None
+    return storage if address != 0 else None
 
 
 def process_rss_bytes() -> int:

@@ -111,6 +111,10 @@ def load_model(profile: Profile, scheme: str = "fp32", hardware: Hardware | None
     kwargs = from_pretrained_kwargs(profile, scheme, hardware)
     if not profile.on_hub:
         check_local_model_files(profile.model_id)
+    if scheme == "int8" and hardware.device == "cpu":  # before loading: a wrong int8 kernel is no rounding matter
+        from helpers.quantization import require_exact_int8_matmul
+
+        require_exact_int8_matmul("cpu")
     model = AutoModelForCausalLM.from_pretrained(profile.model_id, **kwargs)
     model.eval()
     use_portable_cpu_path(model)

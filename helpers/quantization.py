@@ -475,6 +475,125 @@ def int8_storage_of(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
                      "with has_fp16_weights=False (a BitsAndBytesConfig(load_in_8bit=True) load does that).")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The int8 matrix product: exact integers, whichever kernel bitsandbytes picks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8MatmulCheck:
+    """What ``int8_matmul_check`` found: which kernel multiplies int8 codes here, and whether its products are
+    the exact integers."""
+
+    kernel: str
+    products: int
+    wrong: int
+    largest_error: int
+
+    @property
+    def exact(self) -> bool:
+        return self.wrong == 0
+
+    def describe(self) -> str:
+        verdict = "all exact" if self.exact else f"{self.wrong:,} wrong, off by up to {self.largest_error:,}"
+        return f"{self.kernel}: {self.products:,} products, {verdict}"
+
+
+def int8_matmul_kernel(device_type: str = "cpu") -> str:
+    """The kernel bitsandbytes 0.50.2 multiplies int8 activations by int8 weights with, in words.
+
+    On a CPU it follows PyTorch's CPU capability (the pinned one, not the CPU's best): ``torch._int_mm`` (oneDNN's
+    integer GEMM) when it is AVX512, else a float32 matmul of the codes turned back into int32, exact as long as
+    every partial sum stays below 2**24 (any input width up to 1,040 at the extreme codes +-127).
+    """
+    if device_type == "cuda":
+        return "bitsandbytes' CUDA int8 GEMM (int32 accumulation)"
+    if device_type != "cpu":
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}.")
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return "torch._int_mm (PyTorch's CPU capability is AVX512)"
+    return "a float32 matmul of the int8 codes, turned into int32"
+
+
+def int8_probe_operands(rows: int = 16, columns: int = 256, outputs: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic int8 activations (rows x columns) and weights (outputs x columns) for ``int8_matmul_check``.
+
+    They include rows and weight rows of +-127 (the largest products, where a kernel with 16-bit intermediate
+    sums saturates) and a spread of every code from -127 to 127.
+    """
+    if min(rows, columns, outputs) < 2 or columns % 2:
+        raise ValueError(f"need at least 2 rows and outputs and an even number of columns (>= 2), got "
+                         f"{rows}, {columns}, {outputs}")
+    k = torch.arange(columns)
+    a = torch.stack([(k * (7 + 2 * i) + 3 * i) % 255 - 127 for i in range(rows)])
+    b = torch.stack([(k * (11 + 2 * j) + 5 * j) % 255 - 127 for j in range(outputs)])
+    a[0], b[0] = 127, 127
+    b[1] = torch.where(k % 2 == 0, 127, -127)
+    return a.to(torch.int8), b.to(torch.int8)
+
+
+def saturating_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for int8 ``a`` (M x K) and ``b`` (N x K) the way an integer GEMM without VNNI computes it.
+
+    x86's ``vpmaddubsw`` multiplies unsigned by signed bytes and adds neighbouring pairs into a *saturating* 16-bit
+    sum. So the kernel shifts ``a`` by +128 into unsigned bytes, sums pairs clipped to [-32768, 32767], adds the
+    pairs in 32 bits and subtracts ``128 * sum(b)``. Whenever a pair exceeds 16 bits (255 * 127 * 2 = 64,770 at
+    most) the result is wrong. This reproduces ``torch._int_mm`` under ``ONEDNN_MAX_CPU_ISA=AVX2`` bit for bit
+    (tests/test_quantization.py). Memory grows as M * N * K: for probes, not for models.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need two 2-D int8 tensors with the same number of columns, got {a.dtype} "
+                         f"{tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    if a.shape[1] % 2:
+        raise ValueError(f"the pairwise kernel needs an even number of columns, got {a.shape[1]}")
+    products = (a.long() + 128)[:, None, :] * b.long()[None, :, :]
+    pairs = (products[..., 0::2] + products[..., 1::2]).clamp(-32768, 32767)
+    return (pairs.sum(-1) - 128 * b.long().sum(-1)[None, :]).to(torch.int32)
+
+
+def int8_matmul_check(device: str | torch.device = "cpu", matmul=None, kernel: str | None = None) -> Int8MatmulCheck:
+    """Multiply ``int8_probe_operands`` with bitsandbytes' int8 matmul (or ``matmul(A, B) -> int32 A @ B.T``) and
+    compare every product with the exact one, computed in int64. ``kernel`` names a ``matmul`` you pass.
+
+    LLM.int8's products must be exact integers: all of its rounding happens before (the codes) and after (the
+    scales). A wrong kernel is not a rounding difference: oneDNN's AVX2 integer GEMM adds pairs of 8-bit products
+    in saturating 16-bit arithmetic, which ``torch._int_mm`` reaches when PyTorch's capability is AVX512 while
+    oneDNN is capped at AVX2.
+    """
+    device = torch.device(device)
+    a, b = int8_probe_operands()
+    if kernel is None:
+        kernel = int8_matmul_kernel(device.type) if matmul is None else getattr(matmul, "__name__", "custom kernel")
+    if matmul is None:
+        import bitsandbytes  # noqa: F401  (registers the op)
+
+        matmul = torch.ops.bitsandbytes.int8_linear_matmul.default
+    result = matmul(a.to(device), b.to(device)).cpu().long()
+    exact = a.long() @ b.long().T
+    if result.shape != exact.shape:
+        raise ValueError(f"the int8 matmul returned shape {tuple(result.shape)}, expected {tuple(exact.shape)}")
+    difference = (result - exact).abs()
+    return Int8MatmulCheck(kernel, exact.numel(), int((difference > 0).sum()), int(difference.max()))
+
+
+def require_exact_int8_matmul(device: str | torch.device = "cpu") -> Int8MatmulCheck:
+    """``int8_matmul_check``, raising a RuntimeError that says how to fix the environment when products are wrong."""
+    import os
+
+    check = int8_matmul_check(device)
+    if not check.exact:
+        pins = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in ("ATEN_CPU_CAPABILITY",
+                                                                                 "ONEDNN_MAX_CPU_ISA"))
+        raise RuntimeError(
+            f"bitsandbytes' int8 matmul gives wrong integer products on this machine ({check.describe()}; {pins}). "
+            "LLM.int8 results would be silently wrong. This happens when PyTorch's CPU capability is AVX512 (so "
+            "bitsandbytes uses torch._int_mm) while oneDNN is limited to AVX2 (ONEDNN_MAX_CPU_ISA). "
+            "Fix: unset ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA before starting Python and import helpers first "
+            "(the course's pins: AVX2 kernels, where bitsandbytes multiplies in float32, exactly), or set "
+            "ATEN_CPU_CAPABILITY=avx2.")
+    return check
+
+
 class QuantizeTiming(NamedTuple):
     """Best-of-``repeats`` wall-clock seconds of both quantizers on the same weight."""
 
@@ -590,6 +709,12 @@ def bnb_4bit_round_trip(weight: torch.Tensor, blocksize: int = 64, quant_type: s
     ``dequantized`` has the weight's shape, dtype and device: what a ``Linear4bit`` holding these codes multiplies
     by. ``stored_bytes`` counts every tensor that would be kept: the packed codes and the quant state (absmax, the
     16-value table and, with ``double_quant``, the 8-bit scales' own scales, map and offset).
+
+    The weight goes through as one flat row. bitsandbytes quantizes in flat order anyway (the codes and scales are
+    the same), and a single row is the one shape where every dequantize kernel reads the scales the quantizer
+    wrote: bitsandbytes 0.50.2's native AVX-512 CPU kernel (picked by the CPU, whatever PyTorch's pins say) indexes
+    them row by row, which is wrong when a block spans two rows (a block size above the row length). On a GPU, and
+    on a CPU without AVX-512, the flat and the 2-D round trips give the same bits.
     """
     import bitsandbytes.functional as bnb_functional
 
@@ -599,12 +724,12 @@ def bnb_4bit_round_trip(weight: torch.Tensor, blocksize: int = 64, quant_type: s
         raise ValueError(f"quant_type must be 'nf4' or 'fp4' (bitsandbytes' two 4-bit tables), got {quant_type!r}.")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}.")
-    packed, state = bnb_functional.quantize_4bit(weight.detach(), blocksize=blocksize, quant_type=quant_type,
-                                                 compress_statistics=double_quant)
+    packed, state = bnb_functional.quantize_4bit(weight.detach().reshape(-1), blocksize=blocksize,
+                                                 quant_type=quant_type, compress_statistics=double_quant)
     kept = [packed, state.absmax, state.code]
     if state.nested:
         kept += [state.state2.absmax, state.state2.code, state.offset]
-    dequantized = bnb_functional.dequantize_4bit(packed, state).to(weight.dtype)
+    dequantized = bnb_functional.dequantize_4bit(packed, state).reshape(weight.shape).to(weight.dtype)
     return dequantized, sum(t.nbytes for t in kept)
 
 

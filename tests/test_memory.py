@@ -122,3 +122,36 @@ def test_release_frees_a_model():
 def test_bad_input_is_rejected_clearly(bad_call, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         bad_call()
+
+
+class _StoragelessWrapper(torch.Tensor):
+    """A wrapper subclass with no bytes of its own, like nested jagged or functional tensors."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} is not needed here")
+
+
+def test_live_tensor_bytes_skips_tensors_without_real_storage():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    before = memory.live_tensor_bytes()
+    held = torch.zeros(1000, dtype=torch.float32)  # 4,000 bytes that count
+    wrapper = _StoragelessWrapper(torch.ones(3))  # its storage raises on data_ptr(): the crash of issue 18
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    fake = FakeTensorMode().from_tensor(torch.ones(5))
+    on_meta = torch.empty(10, device="meta")
+    for tensor in (wrapper, nested, fake, on_meta):
+        assert memory.real_storage(tensor) is None
+    assert memory.real_storage(held) is not None and memory.real_storage("not a tensor") is None
+    grown = memory.live_tensor_bytes() - before
+    # the wrapper's inner tensor and the nested tensor's values are real tensors and count; nothing crashes
+    assert grown >= held.nbytes
+    del held, wrapper, nested, fake, on_meta

@@ -534,3 +534,65 @@ def test_dequantize_absmax_stays_on_the_codes_device_and_refuses_mixed_devices()
     assert on_meta.device.type == "meta" and on_meta.shape == absmax.shape  # no CPU table mixed in
     with pytest.raises(ValueError, match="one device"):
         Q.dequantize_absmax(codes, scales.to("meta"), offset)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The int8 matmul: exact integer products, and what a saturating kernel does (issue 18)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bitsandbytes_int8_matmul_is_exact_under_the_course_pins():
+    check = Q.int8_matmul_check("cpu")
+    assert check.exact and check.products == 16 * 16 and check.largest_error == 0
+    assert "float32 matmul of the int8 codes" in check.kernel  # PyTorch's capability is pinned at AVX2
+
+
+def test_the_saturating_emulation_is_wrong_on_the_largest_products_and_exact_on_small_ones():
+    a, b = Q.int8_probe_operands()
+    check = Q.int8_matmul_check(matmul=Q.saturating_int8_matmul, kernel="16-bit pairs")
+    assert not check.exact and check.describe().startswith("16-bit pairs: 256 products, ")
+    # one row of +127 against one weight row of +127: every pair is 255 * 127 * 2 = 64,770, clipped to 32,767
+    assert int(Q.saturating_int8_matmul(a[:1], b[:1])) == 128 * 32767 - 128 * 127 * 256
+    small = torch.tensor([[1, -2, 3, 4]], dtype=torch.int8)
+    assert torch.equal(Q.saturating_int8_matmul(small, small), (small.long() @ small.long().T).int())
+    with pytest.raises(ValueError, match="even number of columns"):
+        Q.saturating_int8_matmul(small[:, :3], small[:, :3])
+    with pytest.raises(ValueError, match="2-D int8"):
+        Q.saturating_int8_matmul(small.float(), small)
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="oneDNN's AVX2 integer kernel needs AVX2")
+def test_torch_int_mm_under_onednn_avx2_is_the_saturating_kernel_bit_for_bit():
+    import os
+
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"  # the course's pin, set when helpers was imported
+    a, b = Q.int8_probe_operands()
+    assert torch.equal(torch._int_mm(a, b.t()), Q.saturating_int8_matmul(a, b))
+    assert not torch.equal(torch._int_mm(a, b.t()).long(), a.long() @ b.long().T)
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_supported(), reason="PyTorch's AVX512 kernels need an AVX-512 CPU")
+def test_an_incoherent_override_is_refused_before_an_int8_load_and_a_coherent_one_is_exact():
+    import subprocess
+    import sys
+
+    script = ("import helpers\nfrom helpers import environment, models, profiles, quantization\n"
+              "print(quantization.int8_matmul_check().exact)\n"
+              "models.load_model(profiles.PROFILES['tiny'], 'int8', environment.CPU)\nprint('loaded')\n")
+    root = Path(__file__).resolve().parents[1]
+    base = {k: v for k, v in __import__("os").environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    broken = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                            env={**base, "ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert broken.returncode != 0 and broken.stdout.split()[:1] == ["False"]
+    assert "wrong integer products" in broken.stderr and "ONEDNN_MAX_CPU_ISA=AVX2" in broken.stderr
+    coherent = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                              env={**base, "ATEN_CPU_CAPABILITY": "avx512"})
+    assert coherent.returncode == 0 and coherent.stdout.split() == ["True", "loaded"], coherent.stderr
+
+
+def test_int8_probe_operands_and_kernel_names_refuse_bad_input():
+    with pytest.raises(ValueError, match="even number of columns"):
+        Q.int8_probe_operands(columns=7)
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        Q.int8_matmul_kernel("tpu")
+    assert "CUDA" in Q.int8_matmul_kernel("cuda")

@@ -101,16 +101,23 @@ def test_int8_on_cpu_is_float32_outside_the_int8_weights_and_its_cast_note_is_fi
     assert "inputs will be cast" not in capsys.readouterr().err
 
 
-def test_portability_settings_vary_capability_and_threads():
-    settings = runner.portability_settings("AVX512")
-    assert [s["ATEN_CPU_CAPABILITY"] for s in settings] == ["default", "avx512"]
+def test_portability_settings_are_the_same_on_every_cpu_and_vary_level_and_threads():
+    settings = runner.portability_settings()
+    assert settings == runner.portability_settings()  # no argument, nothing read from the CPU
+    assert [s.get("ATEN_CPU_CAPABILITY") for s in settings] == ["default", None]  # None: the pinned level
     threads = {s["OMP_NUM_THREADS"] for s in settings} | {helpers.PINNED_CPU_NUMERICS["OMP_NUM_THREADS"]}
-    assert len(threads) == 3 and all(s["OMP_NUM_THREADS"] == s["MKL_NUM_THREADS"] for s in settings)
+    assert len(threads) == 3 and not any("avx512" in str(s).lower() for s in settings)
 
 
-def test_portability_settings_refuse_an_unknown_capability():
-    with pytest.raises(ValueError, match="default, avx2 or avx512, got 'sse4'"):
-        runner.portability_settings("sse4")
+def test_a_portability_run_starts_from_the_pins_not_from_this_process():
+    environ = {"PATH": "/bin", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = runner.portability_environment(environ, {"OMP_NUM_THREADS": "3"})
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "3"}
+    # what the notebook's kernel then pins: MKL follows the thread count, the rest are the course's pins
+    assert helpers.coherent_pins(env)["MKL_NUM_THREADS"] == "3"
+    assert helpers.coherent_pins(env)["ATEN_CPU_CAPABILITY"] == "avx2"
+    with pytest.raises(ValueError, match="only set pinned variables"):
+        runner.portability_environment(environ, {"HF_HUB_OFFLINE": "0"})
 
 
 def test_the_noise_banner_is_one_line_and_the_details_are_one_call_away(capsys, monkeypatch):
@@ -121,3 +128,15 @@ def test_the_noise_banner_is_one_line_and_the_details_are_one_call_away(capsys, 
     environment.describe_known_noise()
     details = capsys.readouterr().out.splitlines()
     assert len(details) == len(names) and "MatMul8bitLt" in "\n".join(details)
+
+
+def test_coherent_pins_fill_in_what_the_environment_leaves_out():
+    assert helpers.coherent_pins({}) == helpers.PINNED_CPU_NUMERICS
+    assert helpers.coherent_pins({"OMP_NUM_THREADS": "1"})["MKL_NUM_THREADS"] == "1"
+    assert "ATEN_CPU_CAPABILITY" not in helpers.coherent_pins({"ATEN_CPU_CAPABILITY": "default"})
+    assert helpers.coherent_pins({"ATEN_CPU_CAPABILITY": "default"})["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    # PyTorch's AVX512 kernels send bitsandbytes' int8 matmul to torch._int_mm: oneDNN must not be held at AVX2
+    assert "ONEDNN_MAX_CPU_ISA" not in helpers.coherent_pins({"ATEN_CPU_CAPABILITY": "AVX512"})
+    # a value the user set is never replaced, even an incoherent one (load_model's int8 check refuses that case)
+    assert "ONEDNN_MAX_CPU_ISA" not in helpers.coherent_pins({"ATEN_CPU_CAPABILITY": "avx512",
+                                                             "ONEDNN_MAX_CPU_ISA": "AVX2"})

@@ -561,7 +561,8 @@ def test_the_saturating_emulation_is_wrong_on_the_largest_products_and_exact_on_
         Q.saturating_int8_matmul(small.float(), small)
 
 
-@pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="oneDNN's AVX2 integer kernel needs AVX2")
+@pytest.mark.skipif(not torch.cpu._is_avx512_supported(),
+                    reason="bitsandbytes calls torch._int_mm only under PyTorch's AVX512 kernels, on AVX-512 CPUs")
 def test_torch_int_mm_under_onednn_avx2_is_the_saturating_kernel_bit_for_bit():
     import os
 

@@ -527,6 +527,22 @@ class ComparisonPlan:
     def calibration_on_whole_model(self) -> bool:
         return self.calibration_layers == tuple(range(self.num_layers))
 
+    @property
+    def layers_suffix(self) -> str:
+        """``""`` when the calibration methods cover the whole model, else ``", layers 0-1"``: every result label
+        of a run on part of the model says so, and the whole-model comparisons (Pareto frontier, 8-bit against
+        4-bit) leave such labels out."""
+        if self.calibration_on_whole_model:
+            return ""
+        return f", layers {self.calibration_layers[0]}-{self.calibration_layers[-1]}"
+
+    def calibrated_label(self, method: str, bits: int, symmetric: bool = False) -> str:
+        """The result label of a calibration method (``"GPTQ"``, ``"AWQ"``), or of RTN on the same layers
+        (``"RTN"``): ``"GPTQ 3-bit asym"`` on the whole model, ``"GPTQ 3-bit asym, layers 0-1"`` on part of it."""
+        if method not in ("GPTQ", "AWQ", "RTN"):
+            raise ValueError(f"method must be 'GPTQ', 'AWQ' or 'RTN', got {method!r}")
+        return f"{method} {bits}-bit {'sym' if symmetric else 'asym'}{self.layers_suffix}"
+
 
 def comparison_plan(num_layers: int, device: str, full_layers_at_most: int = 8) -> ComparisonPlan:
     """Which layers the calibration methods (GPTQ, AWQ) quantize, and how much data they see (pure).

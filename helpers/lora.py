@@ -741,6 +741,23 @@ def runnable_optimizers(on_gpu: bool) -> dict[str, str]:
     return runs
 
 
+
+def release_paged_buffers(optimizer: torch.optim.Optimizer) -> int:
+    """Drop a bitsandbytes optimizer's paged state buffers from bitsandbytes' global page manager; returns their bytes.
+
+    A paged optimizer (``PagedAdamW``, ``PagedAdamW8bit``, on CUDA) allocates each large state buffer in unified
+    memory and also appends it to ``GlobalPageManager.paged_tensors``, a process-wide list bitsandbytes never empties:
+    ``del optimizer`` alone leaves every buffer alive. Call this before deleting the optimizer. On a CPU, where
+    bitsandbytes falls back to ordinary buffers, nothing is registered and it returns 0.
+    """
+    manager = getattr(optimizer, "page_mng", None)
+    if manager is None:
+        return 0
+    own = {id(t) for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)}
+    dropped = [t for t in manager.paged_tensors if id(t) in own]
+    manager.paged_tensors[:] = [t for t in manager.paged_tensors if id(t) not in own]
+    return sum(t.nelement() * t.element_size() for t in dropped)
+
 # --------------------------------------------------------------------------------------------- QLoRA against LoRA
 
 DEQUANTIZE_4BIT_OP = "bitsandbytes::dequantize_4bit"  # every whole-weight dequantization, inside a product or not

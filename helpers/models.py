@@ -6,6 +6,7 @@ function of (profile, scheme, hardware), so they are tested for every combinatio
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -238,3 +239,33 @@ def check_memory_before_loading(notebook: str, profile: Profile, hardware: Hardw
     plan = memory_plan(notebook, profile, hardware, machine_limits(hardware))
     memory.check_memory_plan(plan, profile.name)
     return plan
+
+
+def rope_frequencies(config) -> tuple[torch.Tensor, str]:
+    """``(inv_freq, rule)``: RoPE's inverse frequencies for a Llama config, from scratch in float64, and the rule
+    in words.
+
+    ``default``: ``theta^(-2i / head_dim)``. ``llama3`` (Llama 3.1 and 3.2): the same, then rescaled for long
+    contexts by wavelength ``2 pi / f``: frequencies whose wavelength is shorter than
+    ``original_max_position_embeddings / high_freq_factor`` positions stay, those longer than
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, and the ones between move
+    smoothly from one to the other. Other rope types are refused.
+    """
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = parameters.get("rope_type", "default")
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the config has no rope_theta (in rope_parameters or at top level)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if rope_type == "default":
+        return frequencies, "theta^(-2i / head_dim)"
+    if rope_type != "llama3":
+        raise ValueError(f"rope_frequencies knows the rope types 'default' and 'llama3', got {rope_type!r}")
+    factor, low, high = parameters["factor"], parameters["low_freq_factor"], parameters["high_freq_factor"]
+    original = parameters["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / frequencies
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: divide by factor, 1: keep
+    rescaled = (1 - smooth) * frequencies / factor + smooth * frequencies
+    return rescaled, (f"theta^(-2i / head_dim), rescaled as Llama 3 does (factor {factor:g} for wavelengths over "
+                      f"{original / low:,.0f} positions, kept under {original / high:,.0f})")

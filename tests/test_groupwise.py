@@ -372,3 +372,17 @@ def test_the_inverse_hessian_factor_is_the_same_whatever_the_thread_count():
         assert torch.get_num_threads() == 2  # given back
     finally:
         torch.set_num_threads(threads)
+
+
+def test_results_on_part_of_a_real_llama_are_labelled_as_such():
+    tiny = groupwise.comparison_plan(6, "cpu")
+    assert tiny.layers_suffix == "" and tiny.calibrated_label("GPTQ", 3) == "GPTQ 3-bit asym"
+    real = groupwise.comparison_plan(28, "cuda")  # Llama-3.2-3B: GPTQ and AWQ on the first layers only
+    assert not real.calibration_on_whole_model
+    first, last = real.calibration_layers[0], real.calibration_layers[-1]
+    assert real.calibrated_label("GPTQ", 3) == f"GPTQ 3-bit asym, layers {first}-{last}"
+    assert real.calibrated_label("RTN", 4, symmetric=True) == f"RTN 4-bit sym, layers {first}-{last}"
+    # 07 keeps whole-model comparisons (Pareto frontier, 8-bit against 4-bit) to labels without "layers"
+    assert "layers" in real.calibrated_label("AWQ", 4) and "layers" not in tiny.calibrated_label("AWQ", 4)
+    with pytest.raises(ValueError, match="'GPTQ', 'AWQ' or 'RTN'"):
+        real.calibrated_label("HQQ", 4)

@@ -384,3 +384,26 @@ def test_training_settings_refuse_unknown_input():
         lora.training_settings("tiny", torch.int8, False)
     with pytest.raises(ValueError, match="non-negative int"):
         lora.training_settings("tiny", torch.float32, False).learning_rate_at(-1)
+
+
+def test_release_paged_buffers_drops_only_this_optimizers_buffers_from_the_global_list():
+    import bitsandbytes as bnb
+
+    parameters = [torch.nn.Parameter(torch.zeros(64, 64)) for _ in range(2)]
+    optimizer = bnb.optim.PagedAdamW8bit(parameters, lr=0.0)
+    for p in parameters:
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(UserWarning, match="not supported on CPU"):
+        optimizer.step()
+    manager = optimizer.page_mng
+    assert lora.release_paged_buffers(optimizer) == 0  # on a CPU bitsandbytes registers nothing
+    # what a CUDA step leaves behind: the state buffers in the process-wide list, next to someone else's
+    someone_elses = torch.zeros(10)
+    mine = [t for state in optimizer.state.values() for k, t in state.items() if torch.is_tensor(t) and k != "step"]
+    manager.paged_tensors.extend([someone_elses, *mine])
+    try:
+        assert lora.release_paged_buffers(optimizer) == sum(t.nelement() * t.element_size() for t in mine) > 0
+        assert manager.paged_tensors == [someone_elses]
+    finally:
+        manager.paged_tensors.clear()
+    assert lora.release_paged_buffers(torch.optim.AdamW(parameters)) == 0  # not a bitsandbytes optimizer

@@ -1,10 +1,14 @@
 """Profile choice and from_pretrained arguments, for every profile x scheme x hardware, with faked hardware."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from helpers import environment, memory, models, profiles
 from helpers.environment import A100_40GB, CPU, T4, Hardware
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 HARDWARE = {"cpu": CPU, "t4": T4, "a100": A100_40GB}
 
@@ -121,3 +125,30 @@ def test_install_on_colab_is_a_no_op_elsewhere(tmp_path):
     from helpers import colab
 
     assert colab.install_on_colab(tmp_path) is None  # no requirements.txt there: would fail if it tried to install
+
+
+@pytest.mark.parametrize("name, rescaled", [("llama-3.1-8b", 35), ("llama-3.2-3b", 35), ("llama-3.2-1b", 17)])
+def test_rope_frequencies_follow_each_real_configs_rope_type_as_transformers_does(name, rescaled):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = memory.load_reference_config(REPO_ROOT / "data" / "reference" / f"{name}.config.json")
+    ours, rule = models.rope_frequencies(config)
+    assert torch.allclose(LlamaRotaryEmbedding(config).inv_freq.double(), ours)
+    theta = config.rope_parameters["rope_theta"]
+    unscaled = theta ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+    assert int((~torch.isclose(ours, unscaled)).sum()) == rescaled  # 01's old claim raised on these
+    assert "rescaled as Llama 3 does" in rule and ours[0] == unscaled[0]  # the fastest frequency is kept
+
+
+def test_rope_frequencies_of_the_tiny_model_and_bad_rope_types():
+    from transformers import AutoConfig, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(REPO_ROOT / "data" / "tiny-llama")
+    ours, rule = models.rope_frequencies(config)
+    assert rule == "theta^(-2i / head_dim)"
+    assert torch.allclose(LlamaRotaryEmbedding(config).inv_freq.double(), ours)
+    linear = LlamaConfig(hidden_size=64, num_attention_heads=2,
+                       rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="'default' and 'llama3', got 'linear'"):
+        models.rope_frequencies(linear)

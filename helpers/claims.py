@@ -5,16 +5,39 @@ quietly on another machine. ``check`` prints the claim with a ✓ and raises ``C
 so the strict CI lane (which compares outputs) and the lax GPU lanes (which only see exceptions) verify the same
 lesson. Descriptive facts (tied or not, on Colab or not) stay plain prints; tests/test_notebooks.py tells the two
 apart and fails on a printed True/False that no ``check`` enforced.
+
+A claim a profile cannot make (its numbers do not bear on it) is passed as ``NotChecked(why)``: ``check`` prints
+``- not checked: <claim> (<why>)`` instead of staying silent, so a reader sees what was left unverified.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 CHECK_MARK = "✓"
 """Starts every line ``check`` prints: the mark of a claim that was verified when the cell ran."""
 
 
+NOT_CHECKED_MARK = "-"
+"""Starts every line ``check`` prints for a ``NotChecked`` claim: stated, not verified."""
+
+
 class ClaimFailed(AssertionError):
     """A notebook's claim about its own numbers did not hold on this run."""
+
+
+@dataclass(frozen=True)
+class NotChecked:
+    """The value of a claim that is not checked on this run, with the reason (``check`` prints both)."""
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason.strip() or "\n" in self.reason:
+            raise ValueError(f"NotChecked needs the reason as one non-empty line, got {self.reason!r}")
+
+    def __bool__(self) -> bool:
+        raise TypeError("a NotChecked claim is neither true nor false: pass it to claims.check, which prints why.")
 
 
 def _as_bool(holds: object, claim: str) -> bool:
@@ -34,12 +57,16 @@ def _as_bool(holds: object, claim: str) -> bool:
 def check(claim: str, holds: object, detail: str = "") -> None:
     """Print ``✓ <claim>: True``; raise ``ClaimFailed`` (with ``detail``) when the claim is false.
 
-    Returns nothing, so a cell that ends with a check shows no ``Out[]`` line.
+    ``holds`` a ``NotChecked``: print ``- not checked: <claim> (<reason>)`` and verify nothing. Returns nothing, so a
+    cell that ends with a check shows no ``Out[]`` line.
     """
     if not isinstance(claim, str) or not claim.strip():
         raise ValueError("check needs the claim as a non-empty sentence, e.g. check('estimate == measured', ok).")
     if "\n" in claim:
         raise ValueError(f"a claim is one line; got {claim!r}")
+    if isinstance(holds, NotChecked):
+        print(f"{NOT_CHECKED_MARK} not checked: {claim} ({holds.reason})")
+        return
     truth = _as_bool(holds, claim)
     if not truth:
         raise ClaimFailed(f"This notebook's claim does not hold on this run: {claim!r}."

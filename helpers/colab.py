@@ -176,6 +176,20 @@ def install_missing(pins: Mapping[str, str], protected: Sequence[str] = PROTECTE
                          restart_for=packages_needing_restart(changed, list(sys.modules), owners))
 
 
+def install_missing_no_deps(pins: Mapping[str, str], protected: Sequence[str] = PROTECTED,
+                            python: str = sys.executable) -> list[str]:
+    """Install with pip's ``--no-deps`` the pins that are missing or at another version, holding ``protected`` where
+    it is; return the ``name==version`` specs given to pip (none when every pin is already right).
+
+    For the ``#no-deps`` lines of requirements.txt: libraries whose declared pins conflict with ours.
+    """
+    before = installed_versions()
+    specs = packages_to_install(pins, before)
+    if specs:
+        pip_install(specs, protected_constraints(before, protected), python, no_deps=True)
+    return specs
+
+
 def in_colab() -> bool:
     """True inside a Google Colab runtime (its kernel has imported ``google.colab``)."""
     return "google.colab" in sys.modules
@@ -231,10 +245,7 @@ def install_extras_on_colab(repo_root: str | Path, libraries: Sequence[str]) -> 
         raise ValueError(f"not pinned in requirements.txt: {', '.join(unknown)}")
     wanted = [canonical_name(name) for name in libraries]
     report = install_missing({name: pinned[name] for name in wanted if name in pinned})
-    before = installed_versions()
-    loose = packages_to_install({name: no_deps[name] for name in wanted if name in no_deps}, before)
-    if loose:
-        pip_install(loose, protected_constraints(before), no_deps=True)
+    loose = install_missing_no_deps({name: no_deps[name] for name in wanted if name in no_deps})
     installed = report.installed + loose
     print(f"Installed {', '.join(installed)}." if installed else "Every extra library is at its pinned version.")
     if report.restart_for:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -332,6 +333,11 @@ def gguf_plan(model: nn.Module, weight_type: str) -> dict[str, tuple[tuple[int, 
     return plan
 
 
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array, from whatever device it is on (``.numpy()`` refuses a CUDA tensor)."""
+    return tensor.detach().cpu().numpy()
+
+
 def write_gguf(path: str | os.PathLike, model: nn.Module, weight_type: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Write ``model`` (a transformers Llama) to ``path`` with gguf-py's GGUFWriter: the architecture metadata and
     every tensor, 2-D weights in ``weight_type`` quantized by this module's from-scratch quantizers.
@@ -355,14 +361,14 @@ def write_gguf(path: str | os.PathLike, model: nn.Module, weight_type: str) -> d
             writer.add_uint32(key, value)
     parameters = dict(model.named_parameters(remove_duplicate=True))
     for (hf_name, parameter), (name, (shape, type_name)) in zip(parameters.items(), plan.items()):
-        values = parameter.detach().to(torch.float32)
+        values = parameter.detach().cpu().to(torch.float32)  # quantized on the CPU, the same bytes on every machine
         if type_name in QUANTIZERS:
-            raw = QUANTIZERS[type_name](values).numpy()
+            raw = _host_array(QUANTIZERS[type_name](values))
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[type_name])
         elif type_name == "F16":
-            writer.add_tensor(name, values.to(torch.float16).numpy())
+            writer.add_tensor(name, _host_array(values.to(torch.float16)))
         else:
-            writer.add_tensor(name, values.numpy())
+            writer.add_tensor(name, _host_array(values))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -205,17 +205,23 @@ def check_optional_load(label: str, profile: Profile, scheme: str, hardware: Har
     return plan
 
 
+def checkpoint_folder(profile: Profile) -> Path:
+    """The local folder of the profile's safetensors checkpoint: the shipped folder, or the Hub snapshot
+    ``from_pretrained`` already downloaded. peft's ``replace_lora_weights_loftq(model, model_path=...)`` needs it:
+    without ``model_path`` it looks a model loaded from a folder up as a Hub repository id, and raises."""
+    if not profile.on_hub:
+        return Path(profile.model_id)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(profile.model_id, allow_patterns=["*.safetensors", "*.json"]))
+
+
 def checkpoint_reader(profile: Profile):
     """A function ``name -> tensor`` reading one unquantized weight from the profile's safetensors checkpoint (the
     shipped folder, or the Hub snapshot ``from_pretrained`` already downloaded), lazily: one tensor at a time."""
     from safetensors import safe_open
 
-    if profile.on_hub:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(profile.model_id, allow_patterns=["*.safetensors", "*.json"]))
-    else:
-        folder = Path(profile.model_id)
+    folder = checkpoint_folder(profile)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"No .safetensors file in {folder}: LoftQ reads the unquantized weights from there.")

@@ -300,7 +300,8 @@ def gpu_setup_pins(pins: dict[str, str]) -> dict[str, str]:
 def run_gpu_setup(requirements: Path) -> int:
     """Install the pinned requirements, torch excepted, into this Python: only those missing or at other versions.
 
-    When all are present it installs nothing, so it works without a network. Exit code 2 when there is no torch.
+    The ``#no-deps name==version`` lines are installed with pip's ``--no-deps``, as the Makefile does. When all are
+    present it installs nothing, so it works without a network. Exit code 2 when there is no torch.
     """
     from helpers import colab
 
@@ -309,10 +310,13 @@ def run_gpu_setup(requirements: Path) -> int:
         print("gpu-setup refused: this Python has no torch. Install the CUDA build of torch your GPU needs first "
               "(https://pytorch.org/get-started/locally/); gpu-setup keeps it and installs the rest.", file=sys.stderr)
         return GPU_LANE_EXIT_REFUSED
-    pins = gpu_setup_pins(colab.read_pins(requirements.read_text()))
+    text = requirements.read_text()
+    pins, no_deps_pins = gpu_setup_pins(colab.read_pins(text)), gpu_setup_pins(colab.read_no_deps_pins(text))
     report = colab.install_missing(pins, protected=GPU_SETUP_KEEPS)
-    print(f"gpu-setup: torch {installed['torch']} kept; installed {', '.join(report.installed) or 'nothing'}; "
-          f"{len(report.left_alone)} of {len(pins)} pinned packages were already right")
+    loose = colab.install_missing_no_deps(no_deps_pins, protected=GPU_SETUP_KEEPS)  # after their run-time needs
+    right = len(report.left_alone) + len(no_deps_pins) - len(loose)
+    print(f"gpu-setup: torch {installed['torch']} kept; installed {', '.join(report.installed + loose) or 'nothing'}; "
+          f"{right} of {len(pins) + len(no_deps_pins)} pinned packages were already right")
     return 0
 
 

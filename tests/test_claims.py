@@ -45,6 +45,15 @@ def test_check_all_stops_at_the_first_false_claim(capsys):
         claims.check_all({})
 
 
+def test_a_not_checked_claim_prints_why_and_verifies_nothing(capsys):
+    claims.check_all({"beats the yardstick": claims.NotChecked("not measured on these items")})
+    assert capsys.readouterr().out == "- not checked: beats the yardstick (not measured on these items)\n"
+    with pytest.raises(TypeError, match="neither true nor false"):
+        bool(claims.NotChecked("why"))  # never silently counted as a pass by all() or any()
+    with pytest.raises(ValueError, match="one non-empty line"):
+        claims.NotChecked(" ")
+
+
 # ------------------------------------------------------------------- every printed True/False in a notebook is checked
 
 import re  # noqa: E402

@@ -140,6 +140,30 @@ def test_a_gguf_file_is_exactly_the_size_the_format_says(tmp_path, weight_type, 
     assert read["blk.0.attn_norm.weight"].tensor_type.name == "F32"
 
 
+class OnAccelerator(torch.Tensor):
+    """Stands for a tensor on a CUDA device: every result of it stays "on the device", and ``.numpy()`` refuses it
+    until ``.cpu()`` has brought it to the host, as PyTorch does for a CUDA tensor."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
+                        "host memory first.")
+
+    def cpu(self, *args, **kwargs):
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.Tensor.cpu(self, *args, **kwargs).as_subclass(torch.Tensor)
+
+
+@pytest.mark.parametrize("weight_type", ["F32", "F16", "Q4_0"])
+def test_write_gguf_brings_the_weights_of_a_gpu_model_to_the_host(tmp_path, weight_type, monkeypatch):
+    model = tiny_llama(tied=False)
+    on_cpu = hg.write_gguf(tmp_path / "cpu.gguf", model, weight_type)
+    named_parameters = model.named_parameters
+    monkeypatch.setattr(model, "named_parameters", lambda *args, **kwargs: (
+        (name, p.as_subclass(OnAccelerator)) for name, p in named_parameters(*args, **kwargs)))
+    assert hg.write_gguf(tmp_path / "gpu.gguf", model, weight_type) == on_cpu
+    assert (tmp_path / "gpu.gguf").read_bytes() == (tmp_path / "cpu.gguf").read_bytes()
+
+
 def test_apply_block_format_replaces_the_decoder_linears_by_their_round_trip():
     model = tiny_llama(tied=True)
     before = model.model.layers[0].mlp.down_proj.weight.detach().clone()

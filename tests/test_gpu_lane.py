@@ -82,6 +82,24 @@ def test_gpu_setup_keeps_the_runners_torch():
     assert packages["bitsandbytes"] == "0.50.2"
 
 
+def test_gpu_setup_installs_the_no_deps_pins_with_no_deps_when_missing_or_at_another_version(monkeypatch, capsys):
+    from helpers import colab
+
+    text = (REPO_ROOT / "requirements.txt").read_text()
+    present = {**colab.read_pins(text), "torch": "2.9.0+cu128", "compressed-tensors": "0.18.0"}  # no llmcompressor
+    monkeypatch.setattr(colab, "installed_versions", lambda: dict(present))
+    calls = []
+    monkeypatch.setattr(colab, "pip_install", lambda specs, constraints, python=None, no_deps=False:
+                        calls.append((list(specs), no_deps)))
+    assert runner.run_gpu_setup(REPO_ROOT / "requirements.txt") == 0
+    assert calls == [(["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0"], True)]  # the rest were right
+    assert "installed llmcompressor==0.14.0.1, compressed-tensors==0.19.0;" in capsys.readouterr().out
+    present.update(colab.read_no_deps_pins(text))
+    calls.clear()
+    assert runner.run_gpu_setup(REPO_ROOT / "requirements.txt") == 0
+    assert calls == [] and "installed nothing" in capsys.readouterr().out  # all present: offline, pip never runs
+
+
 @pytest.mark.parametrize("notebook", list(memory.NOTEBOOK_SCHEMES))
 def test_t4_memory_plan_matches_the_estimator_and_the_automatic_profile_fits(notebook):
     name, _ = profiles.automatic_profile_name(T4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import pricer
+from helpers import claims, pricer
 from helpers.pricer import PricerItem, Product, parse_price, price_of, score_answers
 
 
@@ -231,7 +231,8 @@ def test_yardstick_claims_are_stated_per_profile():
     assert pricer.yardstick_claims("tiny", scores_of(1.0, 40.0), yardsticks) == {
         "the adapted model's mean absolute error beats guessing the category's median price": True}
     assert not any(pricer.yardstick_claims("tiny", scores_of(1.0, 50.0), yardsticks).values())
-    assert pricer.yardstick_claims("llama-3.2-3b", scores_of(1.0, 90.0), yardsticks) == {}
+    assert pricer.yardstick_claims("llama-3.2-3b", scores_of(1.0, 90.0), yardsticks) == {
+        pricer.BEATS_CATEGORY_MEDIAN: claims.NotChecked(pricer.HUB_ADAPTERS_NOT_MEASURED)}
     with pytest.raises(ValueError, match="same items"):
         other = pricer.PricerScores(n_items=3, n_right_format=3, format_share=1.0, mean_absolute_error=1.0,
                                     mean_absolute_error_parsed=1.0, mean_true_price=1.0)
@@ -240,6 +241,18 @@ def test_yardstick_claims_are_stated_per_profile():
         pricer.yardstick_claims("tiny", scores_of(1.0, 40.0), {})
     with pytest.raises(ValueError, match="No yardstick claims for profile 'gpt-2'"):
         pricer.yardstick_claims("gpt-2", scores_of(1.0, 40.0), yardsticks)
+
+
+def test_notebook_04s_yardstick_cell_runs_on_every_profile_and_says_what_it_did_not_check(capsys):
+    yardsticks = {"training median": scores_of(1.0, 100.0), "category median": scores_of(1.0, 45.0)}
+    claims.check_all(pricer.yardstick_claims("tiny", scores_of(1.0, 40.0), yardsticks))  # as 04's section 11 calls it
+    assert capsys.readouterr().out == (  # the tiny profile's committed output, byte for byte
+        "✓ the adapted model's mean absolute error beats guessing the category's median price: True\n")
+    for hub_profile in ("llama-3.2-3b", "llama-3.1-8b"):
+        claims.check_all(pricer.yardstick_claims(hub_profile, scores_of(1.0, 90.0), yardsticks))  # no error
+        assert capsys.readouterr().out == (
+            "- not checked: the adapted model's mean absolute error beats guessing the category's median price "
+            "(the Hub adapters were trained on real listings, not on these synthetic items)\n")
 
 
 def test_catalogue_pages_hold_every_listing_but_the_excluded_and_never_a_price():

@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import bitsandbytes as bnb
+import nbformat
 import pytest
 import torch
 
@@ -238,6 +240,34 @@ def test_checkpoint_reader_reads_the_unquantized_weight_and_names_a_missing_one(
         read("model.layers.9.mlp.up_proj.weight")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         models.checkpoint_reader(tiny_profile(checkpoint.parent))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one file", "sharded like the Hub checkpoints"])
+def test_peft_loftq_reads_w_from_the_checkpoint_folder_the_course_passes(checkpoint, tmp_path, sharded):
+    from peft.utils.loftq_utils import _SafetensorLoader  # what replace_lora_weights_loftq reads W with
+    from transformers import AutoModelForCausalLM
+
+    folder = checkpoint
+    if sharded:
+        folder = tmp_path / "sharded"
+        AutoModelForCausalLM.from_pretrained(checkpoint).save_pretrained(folder, max_shard_size="100KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    model = load(folder, four_bit=False)  # loaded from a local folder, as the tiny profile's model is
+    with pytest.raises(ValueError, match="model_path"):
+        _SafetensorLoader(model, None)  # replace_lora_weights_loftq(model): the folder taken for a Hub repository id
+    profile = tiny_profile(folder)
+    loader = _SafetensorLoader(model, str(models.checkpoint_folder(profile)))
+    read = models.checkpoint_reader(profile)
+    names = [f"{name}.weight" for name, _ in model.get_base_model().named_modules() if name.endswith(tuple(TARGETS))]
+    assert len(names) == 2 * len(TARGETS) and all(torch.equal(loader.get_tensor(n), read(n)) for n in names)
+
+
+def test_the_notebooks_pass_peft_loftq_the_checkpoint_folder():
+    from helpers import runner
+
+    calls = [call for path in runner.course_notebooks() for cell in nbformat.read(path, as_version=4).cells
+             for call in re.findall(r"replace_lora_weights_loftq\(.*\)", cell.source)]
+    assert calls and all("model_path=" in call for call in calls), calls
 
 
 def test_peft_loftq_runs_only_with_cuda():

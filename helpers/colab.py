@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -134,6 +135,12 @@ def protected_constraints(installed: Mapping[str, str], protected: Sequence[str]
     return [f"{name}=={installed[name]}" for name in protected if name in installed]
 
 
+PIP_BUILD_ENVIRONMENT = {"DISABLE_CUDA": "1"}
+"""Set for every pip the course runs. hqq 0.2.8 exists only as a source distribution whose setup.py compiles CUDA
+kernels at install unless DISABLE_CUDA=1 (minutes of nvcc on Colab, and a failure it hides where nvcc is missing);
+the course uses hqq's PyTorch backend, which needs none of them."""
+
+
 def pip_install(specs: Sequence[str], constraints: Sequence[str], python: str = sys.executable,
                 no_deps: bool = False) -> None:
     """``pip install`` the specs under the constraints, printing pip's own output line by line as it comes.
@@ -147,7 +154,8 @@ def pip_install(specs: Sequence[str], constraints: Sequence[str], python: str = 
         command = [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", "-c", str(constraint_file),
                    *(["--no-deps"] if no_deps else []), *specs]
         print("$ pip install " + " ".join(specs) + (f"  (held: {', '.join(constraints)})" if constraints else ""))
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **PIP_BUILD_ENVIRONMENT}) as process:
             for line in process.stdout or ():
                 print(line, end="", flush=True)
             returncode = process.wait()
@@ -195,14 +203,44 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+MIN_TORCH_FOR_TRANSFORMERS = (2, 6)
+"""The oldest torch the pinned transformers runs on (its ``torch>=2.6`` requirement; tests check it against the
+installed transformers' metadata). With an older torch, transformers 5 disables PyTorch with one logged line and
+every model class then fails with a confusing import error."""
+
+
+class TorchTooOld(RuntimeError):
+    """The machine's torch is older than the pinned transformers needs; the course never replaces torch itself."""
+
+
+def check_torch_for_transformers(torch_version: str | None) -> None:
+    """Raise TorchTooOld, with what to do, when ``torch_version`` is missing or older than the pinned transformers
+    needs (``MIN_TORCH_FOR_TRANSFORMERS``). Standard library only: it runs before anything is installed."""
+    needed = ".".join(map(str, MIN_TORCH_FOR_TRANSFORMERS))
+    if torch_version is None:
+        raise TorchTooOld(f"This runtime has no torch. The course needs torch {needed} or newer, with CUDA on a GPU "
+                          "(Colab ships one: choose Runtime > Change runtime type > T4 GPU).")
+    match = re.match(r"(\d+)\.(\d+)", torch_version)
+    if match is None:
+        raise ValueError(f"not a torch version: {torch_version!r}")
+    if (int(match[1]), int(match[2])) < MIN_TORCH_FOR_TRANSFORMERS:
+        raise TorchTooOld(
+            f"This runtime's torch is {torch_version}; the pinned transformers needs torch {needed} or newer and "
+            "would silently disable PyTorch. The course does not replace torch (that needs a matching CUDA build and "
+            "a restart). Use a current Colab runtime (Runtime > Change runtime type, latest version), or install a "
+            f"torch >= {needed} built for your CUDA, restart, and run all cells again.")
+
+
 def install_on_colab(repo_root: str | Path) -> InstallReport | None:
     """On Colab, install the course's Hugging Face libraries that are missing or at another version; elsewhere nothing.
 
-    Prints what it installs and leaves alone, pip's output, then the versions loaded. Raises RestartRequired, with
+    Prints what it installs and leaves alone, pip's output, then the versions loaded. Raises TorchTooOld before
+    installing anything when Colab's torch is older than the pinned transformers needs, and RestartRequired, with
     the exact steps, when a package the session had already imported changed (a Run all stops there).
     """
     if not in_colab():
         return None
+    check_torch_for_transformers(installed_versions().get("torch"))
     pins = colab_pins(read_pins((Path(repo_root) / "requirements.txt").read_text()))
     report = install_missing(pins)
     if report.installed:

@@ -874,8 +874,10 @@ def loftq_factors(residual: torch.Tensor, rank: int, scaling: float = 1.0) -> tu
 
 
 def _top_singular(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets, as tensors of their own: a slice would keep the whole U and Vh alive
+    (``svd_cache`` holds these for every layer: on a 3B model, gigabytes instead of megabytes)."""
     U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)
-    return U[:, :rank], S[:rank], Vh[:rank]
+    return U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].clone()
 
 
 def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

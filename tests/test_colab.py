@@ -170,6 +170,10 @@ def pypi_reachable() -> bool:
         return False
 
 
+COLAB_TORCH = "2.11.0+cu128"
+"""Colab's torch in the simulation (the runtime list of August 2026)."""
+
+
 @pytest.fixture(scope="module")
 def colab_venv(tmp_path_factory):
     """A fresh virtual environment (no system site packages) with older safetensors and huggingface_hub."""
@@ -180,6 +184,12 @@ def colab_venv(tmp_path_factory):
     python = folder / "venv" / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     "safetensors==0.4.5", "huggingface_hub==0.26.0"], check=True)
+    # Colab's torch, as the setup cell sees it (installed metadata only; the course never imports or installs it)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dist_info = Path(site) / f"torch-{COLAB_TORCH}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {COLAB_TORCH}\n")
     (folder / "child.py").write_text(CHILD.format(repo=str(REPO_ROOT)))
     return folder, python
 
@@ -205,7 +215,7 @@ def test_simulated_colab_installs_what_is_missing_and_asks_for_a_restart_only_wh
                                 "changed": {"safetensors": ["0.4.5", "0.5.3"]}, "restart_for": []}
     assert "$ pip install safetensors==0.5.3" in first.stdout  # pip's own output is shown, not hidden
     for line in ("safetensors: 0.5.3 (not imported yet)", "huggingface_hub: 0.26.0 (imported)",
-                 "torch: not installed (not imported yet)", "numpy: not installed (not imported yet)"):
+                 f"torch: {COLAB_TORCH} (not imported yet)", "numpy: not installed (not imported yet)"):
         assert line in first.stdout, first.stdout  # torch, numpy, ipykernel, pytest: never installed
     assert "HEAVY []" in first.stdout and "Restart" not in first.stdout
 
@@ -231,3 +241,90 @@ def test_a_failing_install_shows_pips_error_and_says_so(colab_venv):
     assert "No matching distribution found for safetensors==0.0.0.404" in result.stdout  # pip's error, shown
     assert "RuntimeError: pip could not install safetensors==0.0.0.404 (exit code 1); its messages are above" \
         in result.stderr
+
+
+def test_the_torch_minimum_is_the_pinned_transformers_own_requirement():
+    import importlib.metadata
+    import re
+
+    requires = importlib.metadata.requires("transformers") or []
+    torch_lines = [line for line in requires if re.match(r"torch\s*>=", line) and 'extra == "torch"' in line]
+    assert len(torch_lines) == 1, requires
+    minimum = re.search(r">=\s*([\d.]+)", torch_lines[0])[1]
+    assert tuple(int(part) for part in minimum.split(".")[:2]) == colab.MIN_TORCH_FOR_TRANSFORMERS
+
+
+@pytest.mark.parametrize("version", ["2.6.0", "2.11.0+cu128", "2.13.0+cpu", "3.0.1"])
+def test_a_recent_enough_torch_passes(version):
+    colab.check_torch_for_transformers(version)
+
+
+@pytest.mark.parametrize("version", ["2.5.1+cu124", "1.13.1", None])
+def test_an_old_or_missing_torch_is_refused_with_what_to_do(version):
+    with pytest.raises(colab.TorchTooOld, match=r"torch 2\.6 or newer") as refused:
+        colab.check_torch_for_transformers(version)
+    assert ("Runtime > Change runtime type" in str(refused.value))
+
+
+def test_install_on_colab_refuses_an_old_torch_before_installing_anything(monkeypatch, tmp_path):
+    monkeypatch.setattr(colab, "in_colab", lambda: True)
+    monkeypatch.setattr(colab, "installed_versions", lambda: {"torch": "2.4.0+cu121"})
+    monkeypatch.setattr(colab, "pip_install", lambda *a, **k: pytest.fail("nothing may be installed"))
+    (tmp_path / "requirements.txt").write_text("torch==2.13.0\ntransformers==5.23.0\n")
+    with pytest.raises(colab.TorchTooOld, match="2.4.0"):
+        colab.install_on_colab(tmp_path)
+
+
+def test_a_version_that_is_not_one_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a torch version"):
+        colab.check_torch_for_transformers("latest")
+
+
+def test_every_pip_the_course_runs_builds_hqq_without_its_cuda_kernels(monkeypatch, capsys):
+    seen = {}
+
+    class FakePopen:
+        def __init__(self, command, **kwargs):
+            seen.update(command=command, env=kwargs["env"])
+            self.stdout, self.returncode = iter(["Successfully installed hqq-0.2.8\n"]), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(colab.subprocess, "Popen", FakePopen)
+    colab.pip_install(["hqq==0.2.8"], [])
+    assert seen["env"]["DISABLE_CUDA"] == "1" and "hqq==0.2.8" in seen["command"]
+    assert "Successfully installed hqq-0.2.8" in capsys.readouterr().out
+
+
+COLAB_PYTHON = "3.13"
+"""Colab's Python in its runtime list of August 2026."""
+
+
+def test_every_pin_colab_installs_has_a_wheel_for_colabs_python():
+    """pip's resolver, asked for Colab's Python and platform with wheels only: every library the notebooks install on
+    Colab resolves, except hqq, which is published only as a source distribution (built with DISABLE_CUDA=1)."""
+    if not pypi_reachable():
+        pytest.skip("PyPI is unreachable: the check asks PyPI's index")
+    text = (REPO_ROOT / "requirements.txt").read_text()
+    pins, no_deps = colab.read_pins(text), colab.read_no_deps_pins(text)
+    wanted = [*colab.COLAB_LIBRARIES, "trl", "datasets", *colab.BEYOND_BITSANDBYTES_LIBRARIES]
+    specs = {name: f"{name}=={(pins | no_deps)[colab.canonical_name(name)]}" for name in dict.fromkeys(wanted)}
+
+    def resolves(spec: str) -> subprocess.CompletedProcess:
+        platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")
+                     for arg in ("--platform", tag)]
+        return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps",
+                               "--quiet", "--disable-pip-version-check", "--target", "unused",
+                               "--python-version", COLAB_PYTHON, "--implementation", "cp",
+                               "--abi", f"cp{COLAB_PYTHON.replace('.', '')}", *platforms, "--only-binary=:all:", spec],
+                              capture_output=True, text=True, timeout=120)
+
+    missing = [spec for spec in specs.values() if resolves(spec).returncode != 0]
+    assert missing == [specs["hqq"]], missing

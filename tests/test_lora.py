@@ -407,3 +407,15 @@ def test_release_paged_buffers_drops_only_this_optimizers_buffers_from_the_globa
     finally:
         manager.paged_tensors.clear()
     assert lora.release_paged_buffers(torch.optim.AdamW(parameters)) == 0  # not a bitsandbytes optimizer
+
+
+def test_cached_singular_vectors_hold_only_their_rank():
+    from helpers.lora import _top_singular
+
+    residual = torch.from_numpy(__import__("numpy").random.default_rng(0).standard_normal((96, 64), dtype="float32"))
+    U, S, Vh = _top_singular(residual, 4)
+    assert (U.shape, S.shape, Vh.shape) == ((96, 4), (4,), (4, 64))
+    for t in (U, S, Vh):  # not views into the full decomposition (what svd_cache kept alive before)
+        assert t.untyped_storage().nbytes() == t.nelement() * t.element_size()
+    full_U, full_S, full_Vh = torch.linalg.svd(residual, full_matrices=False)
+    assert torch.equal(U, full_U[:, :4]) and torch.equal(S, full_S[:4]) and torch.equal(Vh, full_Vh[:4])

@@ -65,6 +65,11 @@ clean-venv:
 # no network, so `make gpu-setup && make gpu-smoke` runs offline.
 #   make gpu-smoke   every notebook on the tiny profile placed on the GPU: no Hub, no token; copies in build/gpu-smoke/
 #   make gpu-test    every notebook on a real Llama from the Hub (HF_TOKEN; PROFILE=... to choose); copies in build/gpu/
+# Both are `pytest --nbval-lax` over the notebooks (helpers.runner.gpu_lane_command): every cell runs once, nbval goes
+# on past a failing cell, and every failing cell is reported; helpers/nbval_keep.py writes each executed notebook,
+# failed ones with the error in the failing cell, next to nbval's junit.xml; a one-screen summary ends the run.
+# TIMEOUT= is seconds per cell. Exit code 2: the lane refused to start (no CUDA device, a gated profile without
+# HF_TOKEN, a `python3` kernel from another Python); 1: a notebook failed.
 GPU_VENV := .venv-gpu
 GPU_PYTHON ?= $(GPU_VENV)/bin/python
 PROFILE ?=

@@ -5,11 +5,12 @@
 ``python -m helpers.runner portability`` strict nbval over every notebook under other CPU instruction-set levels
                                       and thread counts than the pinned ones (run it before re-recording outputs)
 ``python -m helpers.runner gpu-smoke`` the GPU smoke lane: every notebook on the tiny profile placed on the GPU,
-                                      no Hub, no token; executed copies in build/gpu-smoke/
+                                      no Hub, no token; executed copies and junit.xml in build/gpu-smoke/
 ``python -m helpers.runner gpu-test`` the Hub lane: every notebook on a real Llama profile, Hub access on
 ``python -m helpers.runner gpu-setup`` the pinned requirements, torch excepted, into this Python (only what is missing)
 
-Both GPU lanes check what ``pytest --nbval-lax`` checks, executing each notebook once (see README, "The GPU lane").
+Both GPU lanes are ``pytest --nbval-lax`` over the notebooks, with ``helpers.nbval_keep`` keeping what nbval executed
+(see README, "The GPU lanes").
 
 A notebook marks the code cell whose output summarizes it with the cell tag ``summary``.
 """
@@ -20,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +35,10 @@ def course_notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
-def execute(notebook_path: Path, output_path: Path, timeout: int = 1800, *, notebook_timeout: int | None = None,
-            kernel_env: dict[str, str] | None = None, lax: bool = False):
+def execute(notebook_path: Path, output_path: Path, timeout: int = 1800, *, kernel_env: dict[str, str] | None = None):
     """Run one notebook once in a fresh kernel, from its own folder, and write the executed copy, failed or not.
 
-    ``timeout`` limits each cell and ``notebook_timeout`` the whole notebook; ``kernel_env`` is the kernel's
-    environment (default: this process's); ``lax`` applies nbval's cell markers (``mark_for_lax``). On failure the
+    ``timeout`` limits each cell; ``kernel_env`` is the kernel's environment (default: this process's). On failure the
     copy is written with the error in the cell where it happened (a time limit or a dead kernel too), then it raises.
     """
     import nbformat
@@ -48,12 +48,8 @@ def execute(notebook_path: Path, output_path: Path, timeout: int = 1800, *, note
     notebook = nbformat.read(notebook_path, as_version=4)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # per-cell timestamps would make every refresh a noisy diff
-    if lax:
-        mark_for_lax(notebook)
-    deadline = None if notebook_timeout is None else time.monotonic() + notebook_timeout
     running: list[int] = []  # index of the cell being executed, for errors that nbclient does not record
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
-                            timeout_func=None if deadline is None else lambda cell: seconds_left(deadline, timeout),
                             on_cell_start=lambda cell, cell_index: running.append(cell_index),
                             # the kernel is local; its warning about unencrypted local TCP is noise here
                             extra_arguments=["--IPKernelApp.log_level=ERROR"],
@@ -63,20 +59,13 @@ def execute(notebook_path: Path, output_path: Path, timeout: int = 1800, *, note
     except CellExecutionError:
         raise  # nbclient has put the error in the failing cell
     except Exception as error:
-        past_limit = deadline is not None and time.monotonic() >= deadline - 1
-        reason = f"the notebook ran past its {notebook_timeout} s limit" if past_limit else str(error).strip()
         if running:
-            record_error(notebook.cells[running[-1]], type(error).__name__, reason)
+            record_error(notebook.cells[running[-1]], type(error).__name__, str(error).strip())
         raise
     finally:  # a failed notebook is kept too, with the error in the failing cell: that is the copy people need
         output_path.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, output_path)
     return notebook
-
-
-def seconds_left(deadline: float, cell_timeout: int) -> int:
-    """The time a cell may take: the cell limit, or less when the notebook's deadline comes first (at least 1 s)."""
-    return max(1, min(cell_timeout, int(deadline - time.monotonic())))
 
 
 def record_error(cell, ename: str, evalue: str) -> None:
@@ -96,61 +85,36 @@ def summary_of(notebook) -> str:
 
 GPU_LANE_EXIT_REFUSED = 2
 GPU_LANE_DIRS = {"gpu-smoke": BUILD_DIR / "gpu-smoke", "gpu-test": BUILD_DIR / "gpu"}
-GPU_LANE_TIMEOUTS = {"gpu-smoke": 240, "gpu-test": 3600}
-"""Seconds per notebook. The tiny profile runs a notebook in seconds, so six stay well under 10 minutes on a GPU."""
-
-LAX_MARKERS = {"NBVAL_SKIP": "skip-execution", "NBVAL_RAISES_EXCEPTION": "raises-exception"}
-"""nbval's markers that change execution, and the nbclient cell tag that does the same."""
-CHECK_MARKER = "NBVAL_CHECK_OUTPUT"
-"""The one marker whose cell ``pytest --nbval-lax`` compares with its committed output."""
+GPU_LANE_HUB_OFFLINE = {"gpu-smoke": "1", "gpu-test": "0"}
+GPU_LANE_CELL_TIMEOUTS = {"gpu-smoke": 240, "gpu-test": 3600}
+"""Seconds per cell (nbval's ``--nbval-cell-timeout``; ``TIMEOUT=`` in the Makefile). nbval interrupts a cell at its
+limit and fails it; the notebook's later cells still run, marked xfail by nbval, so only that cell counts."""
+JUNIT_NAME = "junit.xml"
 SUMMARY_ERROR_WIDTH = 100
 
 
-def nbval_markers(cell) -> set[str]:
-    """nbval's markers on a cell: comment lines such as ``# NBVAL_SKIP`` and tags such as ``nbval-skip`` (pure)."""
-    comments = {line.strip().lstrip("#").strip() for line in cell.source.splitlines() if line.strip().startswith("#")}
-    tags = {tag.upper().replace("-", "_") for tag in cell.get("metadata", {}).get("tags", [])}
-    return {marker for marker in comments | tags if marker.startswith("NBVAL_")}
+def gpu_lane_command(lane: str, profile_name: str, notebooks: list[Path], *, cell_timeout: int, output_dir: Path,
+                     environ: Mapping[str, str], python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a GPU lane: ``pytest --nbval-lax`` over ``notebooks`` (pure).
 
-
-def mark_for_lax(notebook) -> None:
-    """Tag the cells nbval skips or lets raise with the nbclient tags that do the same."""
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-            tags.extend(tag for marker, tag in LAX_MARKERS.items() if marker in nbval_markers(cell) and tag not in tags)
-
-
-def output_texts(cell) -> list[str]:
-    """What nbval compares in a cell's outputs: stream texts, plain-text results, error names (pure)."""
-    texts = []
-    for output in cell.get("outputs", []):
-        if output.output_type == "stream":
-            texts.append(f"{output.name}: {output.text}")
-        elif output.output_type in ("execute_result", "display_data"):
-            texts.append(output.get("data", {}).get("text/plain", ""))
-        elif output.output_type == "error":
-            texts.append(f"error: {output.ename}")
-    return texts
-
-
-def lax_problem(reference, executed) -> str | None:
-    """The first thing ``pytest --nbval-lax`` would fail on, as one line, or None (pure).
-
-    ``reference`` is the committed notebook, ``executed`` the copy just run: an error output in a cell not marked
-    to raise, or a cell marked NBVAL_CHECK_OUTPUT whose output differs from the committed one.
+    The kernels inherit the environment: ``environ`` with the lane's profile (``COURSE_PROFILE``) and Hub setting
+    (``HF_HUB_OFFLINE``). nbval runs every cell of every notebook, past a failing one, in the ``python3`` kernel
+    that ``kernel_refusal`` checked; ``helpers.nbval_keep`` writes the executed copies into ``output_dir``, next to
+    the junit report. A notebook that cannot be read fails on its own instead of stopping the lane.
     """
-    committed_cells = [cell for cell in reference.cells if cell.cell_type == "code"]
-    executed_cells = [cell for cell in executed.cells if cell.cell_type == "code"]
-    for number, (committed, cell) in enumerate(zip(committed_cells, executed_cells), start=1):
-        markers = nbval_markers(committed)
-        errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
-        if errors and "NBVAL_RAISES_EXCEPTION" not in markers:  # the last: a time limit follows its interrupt
-            first_line = (str(errors[-1].get("evalue", "")).strip().splitlines() or [""])[0]
-            return f"code cell {number}: {errors[-1].ename}: {first_line}"
-        if CHECK_MARKER in markers and output_texts(cell) != output_texts(committed):
-            return f"code cell {number}: output differs from the committed one ({CHECK_MARKER})"
-    return None
+    from helpers import profiles
+
+    if lane not in GPU_LANE_HUB_OFFLINE:
+        raise ValueError(f"unknown GPU lane {lane!r}; expected one of {sorted(GPU_LANE_HUB_OFFLINE)}")
+    if cell_timeout < 1:
+        raise ValueError(f"the cell time limit must be at least 1 s, got {cell_timeout}")
+    paths = [str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path) for path in notebooks]
+    argv = [python, "-m", "pytest", "--nbval-lax", "--nbval-kernel-name=python3",
+            f"--nbval-cell-timeout={cell_timeout}", "-p", "helpers.nbval_keep", f"--nbval-keep={output_dir}",
+            f"--junitxml={output_dir / JUNIT_NAME}", "-o", "junit_family=xunit1",  # xunit1 keeps nbval_error
+            "-p", "no:cacheprovider", "--continue-on-collection-errors", "--color=no", *paths]
+    env = {**environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": GPU_LANE_HUB_OFFLINE[lane]}
+    return argv, env
 
 
 @dataclass(frozen=True)
@@ -166,31 +130,43 @@ class NotebookResult:
         return self.problem is None
 
 
-def check_notebook(path: Path, output_path: Path, kernel_env: dict[str, str] | None, timeout: int) -> NotebookResult:
-    """Execute one notebook once (``timeout`` seconds in all), keep the copy, and judge it as nbval-lax would."""
-    import nbformat
+def junit_results(junit_path: Path, notebooks: list[Path]) -> list[NotebookResult]:
+    """Each notebook's outcome in nbval's junit report: its time and its first failing cell, if any.
 
-    started, crash = time.monotonic(), None
-    output_path.unlink(missing_ok=True)  # never judge an older run's copy
-    try:
-        execute(path, output_path, timeout, notebook_timeout=timeout, kernel_env=kernel_env, lax=True)
-    except Exception as error:  # the copy has the error in its cell; this is the fallback when no cell ran
-        crash = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-    problem = crash
-    if output_path.is_file():
-        problem = lax_problem(nbformat.read(path, as_version=4), nbformat.read(output_path, as_version=4)) or crash
-    return NotebookResult(path.stem, time.monotonic() - started, problem)
+    A notebook's time is that of its cells, setup (the kernel's start) and teardown included. The first failure
+    reads ``Cell N: <error>``, N counting code cells from 0 as nbval does; the error is the ``nbval_error`` property
+    that ``helpers.nbval_keep`` records, else the first line of pytest's message. A notebook missing from the report
+    (the run stopped before it) failed.
+    """
+    import xml.etree.ElementTree as ET
 
+    from helpers.nbval_keep import ERROR_PROPERTY
 
-def run_notebooks(notebooks: list[Path], output_dir: Path, kernel_env: dict[str, str],
-                  timeout: int) -> list[NotebookResult]:
-    """Check every notebook in turn, whatever the previous ones did; executed copies go to ``output_dir``."""
+    cases = ET.parse(junit_path).getroot().iter("testcase")
+    by_name: dict[str, list] = {path.name: [] for path in notebooks}
+    for case in cases:
+        where = case.get("classname") or case.get("name", "")  # a collection error has the file in its name
+        name = next((n for n in by_name if where == n or where.endswith("." + n) or where.endswith("/" + n)), None)
+        if name is not None:
+            by_name[name].append(case)
     results = []
     for path in notebooks:
-        print(f"=== {path.name}", flush=True)
-        result = check_notebook(path, output_dir / path.name, kernel_env, timeout)
-        print(f"{'passed' if result.passed else f'FAILED: {result.problem}'} ({result.seconds:.0f} s)", flush=True)
-        results.append(result)
+        found = by_name[path.name]
+        seconds = sum(float(case.get("time", 0) or 0) for case in found)
+        problem = None if found else "no result in the junit report (the run stopped before this notebook)"
+        for case in found:
+            failure = case.find("failure")
+            if failure is None:
+                failure = case.find("error")
+            if failure is not None:
+                recorded = [p.get("value", "") for p in case.iter("property") if p.get("name") == ERROR_PROPERTY]
+                message = recorded[0] if recorded else next(
+                    (line.strip() for line in (failure.get("message") or failure.text or "").splitlines()
+                     if line.strip()), failure.tag)
+                cell = case.get("name", "") if case.get("classname") else "collection"
+                problem = f"{cell}: {message}"
+                break
+        results.append(NotebookResult(path.stem, seconds, problem))
     return results
 
 
@@ -200,7 +176,7 @@ def lane_summary(lane: str, profile_name: str, results: list[NotebookResult], ou
     minutes = sum(result.seconds for result in results) / 60
     shown = output_dir.relative_to(REPO_ROOT) if output_dir.is_relative_to(REPO_ROOT) else output_dir
     lines = [f"{lane} on profile {profile_name}: {passed} of {len(results)} notebooks passed in {minutes:.1f} min; "
-             f"executed copies in {shown}/"]
+             f"executed copies and {JUNIT_NAME} in {shown}/"]
     for result in results:
         problem = result.problem or ""
         if len(problem) > SUMMARY_ERROR_WIDTH:
@@ -257,19 +233,21 @@ def kernel_refusal(kernel_python: str, executable: str) -> str | None:
 def run_gpu_lane(lane: str, profile_name: str | None, timeout: int | None, notebooks: list[Path]) -> int:
     """A GPU lane: ``gpu-smoke`` (tiny profile on the GPU, Hub off) or ``gpu-test`` (a Hub profile, Hub on).
 
-    Refuses with exit code 2 when it cannot start; otherwise executes each notebook once, keeps every executed
-    copy, prints a one-screen summary, and exits 1 when a notebook failed.
+    Refuses with exit code 2 when it cannot start; otherwise runs ``pytest --nbval-lax`` over the notebooks
+    (``gpu_lane_command``; ``timeout``: seconds per cell), which reports every failing cell; keeps every executed
+    copy and the junit report; prints a one-screen summary; exits 1 when a notebook failed.
     """
+    import subprocess
+
     import torch
 
     from helpers import environment, profiles
 
     cuda = torch.cuda.is_available()
     if lane == "gpu-smoke":
-        profile_name, hub_offline = "tiny", "1"
+        profile_name = "tiny"
         refusal = smoke_refusal(cuda, torch.version.cuda)
     else:
-        hub_offline = "0"
         if cuda and profile_name is None:
             profile_name = profiles.automatic_profile_name(environment.detect_hardware())[0]
         refusal = gpu_lane_refusal(cuda, profile_name, cuda and profiles.hub_token_available())
@@ -280,12 +258,21 @@ def run_gpu_lane(lane: str, profile_name: str | None, timeout: int | None, noteb
     if refusal:
         print(f"{lane} refused: {refusal}", file=sys.stderr)
         return GPU_LANE_EXIT_REFUSED
-    print(f"{lane}: profile {profile_name} on {torch.cuda.get_device_name(0)}, HF_HUB_OFFLINE={hub_offline}",
-          flush=True)
-    kernel_env = {**os.environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": hub_offline}
-    results = run_notebooks(notebooks, GPU_LANE_DIRS[lane], kernel_env, timeout or GPU_LANE_TIMEOUTS[lane])
-    print(lane_summary(lane, profile_name, results, GPU_LANE_DIRS[lane]))
-    return 0 if all(result.passed for result in results) else 1
+    output_dir = GPU_LANE_DIRS[lane]
+    argv, env = gpu_lane_command(lane, profile_name, notebooks, cell_timeout=timeout or GPU_LANE_CELL_TIMEOUTS[lane],
+                                 output_dir=output_dir, environ=os.environ)
+    print(f"{lane}: profile {profile_name} on {torch.cuda.get_device_name(0)}, "
+          f"HF_HUB_OFFLINE={env['HF_HUB_OFFLINE']}\n{' '.join(argv)}", flush=True)
+    for stale in [output_dir / JUNIT_NAME, *(output_dir / path.name for path in notebooks)]:
+        stale.unlink(missing_ok=True)  # never report an older run's copies
+    code = subprocess.run(argv, env=env, cwd=REPO_ROOT).returncode
+    junit = output_dir / JUNIT_NAME
+    if not junit.is_file():
+        print(f"{lane}: pytest exited with {code} and wrote no {junit}; its output above says why", file=sys.stderr)
+        return 1
+    results = junit_results(junit, notebooks)
+    print(lane_summary(lane, profile_name, results, output_dir))
+    return 0 if code == 0 and all(result.passed for result in results) else 1
 
 
 GPU_SETUP_KEEPS = ("torch", "torchvision", "torchaudio")
@@ -390,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=default_jobs(os.cpu_count()),
                         help="run/refresh: notebooks executed at once (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=None,
-                        help=f"GPU lanes: seconds per notebook (default: {GPU_LANE_TIMEOUTS})")
+                        help=f"GPU lanes: seconds per cell (default: {GPU_LANE_CELL_TIMEOUTS})")
     args = parser.parse_args(argv)
     if args.mode == "gpu-setup":
         return run_gpu_setup(REPO_ROOT / "requirements.txt")

@@ -69,7 +69,9 @@ def test_workflow_is_valid_yaml_naming_the_gpu_test_command():
     assert "self-hosted" in job["runs-on"] and "t4" in job["runs-on"]
     commands = "\n".join(step.get("run", "") for step in job["steps"])
     assert "make gpu-test" in commands and "make gpu-setup" in commands
-    assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in job["steps"])
+    upload = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact"))
+    assert upload["if"] == "always()"
+    assert upload["with"]["path"].split() == ["build/gpu/*.ipynb", "build/gpu/junit.xml"]
     assert "gpu-test:" in (REPO_ROOT / "Makefile").read_text()
     assert "make gpu-test" in (REPO_ROOT / "README.md").read_text()
 
@@ -185,7 +187,8 @@ def test_smoke_lane_runs_on_pull_requests_only_after_a_maintainer_approves():
     assert "self-hosted" in job["runs-on"]
     assert [step.get("run") for step in job["steps"] if "run" in step] == ["make gpu-setup", "make gpu-smoke"]
     upload = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact"))
-    assert upload["if"] == "always()" and upload["with"]["path"] == "build/gpu-smoke/*.ipynb"
+    assert upload["if"] == "always()"
+    assert upload["with"]["path"].split() == ["build/gpu-smoke/*.ipynb", "build/gpu-smoke/junit.xml"]
     assert workflow["permissions"] == {"contents": "read"}
 
 

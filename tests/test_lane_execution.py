@@ -1,18 +1,25 @@
-"""The GPU lanes' execution, checked on small notebooks without a GPU: one execution per notebook, a kept copy with
-the error in it, nbval-lax's verdict, per-notebook time limits and the one-screen summary."""
+"""The GPU lanes, checked on small notebooks without a GPU: the pytest --nbval-lax command line, nbval run with
+helpers.nbval_keep (every cell once, every failing cell reported, an executed copy of every notebook with the error
+in it, a junit report), the one-screen summary; and the runner's own execution for make run."""
 
 import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
+import torch
 from nbclient.exceptions import CellExecutionError
 
-from helpers import runner
+from helpers import nbval_keep, runner
 
 
 def write_notebook(path: Path, *sources: str, tags: dict[int, list[str]] | None = None) -> Path:
     notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.cells = [nbformat.v4.new_markdown_cell("# a test notebook")]
     for index, source in enumerate(sources):
         cell = nbformat.v4.new_code_cell(source)
@@ -22,10 +29,15 @@ def write_notebook(path: Path, *sources: str, tags: dict[int, list[str]] | None 
     return path
 
 
-def counting_cell(counter: Path) -> str:
-    """A cell that appends the kernel's COURSE_PROFILE to a file: one line per execution."""
+def counting_cell(counter: Path, label: str) -> str:
+    """A cell that appends its label and the kernel's COURSE_PROFILE and HF_HUB_OFFLINE to a file: one line per run."""
     return (f"import os\nwith open({str(counter)!r}, 'a') as f:\n"
-            "    f.write(os.environ.get('COURSE_PROFILE', '-') + '\\n')")
+            f"    f.write({label!r} + ' ' + os.environ.get('COURSE_PROFILE', '-') + ' '"
+            " + os.environ.get('HF_HUB_OFFLINE', '-') + '\\n')")
+
+
+def code_cells(path: Path) -> list:
+    return [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
 
 
 def test_execute_keeps_a_failed_copy_with_the_error_in_the_failing_cell(tmp_path):
@@ -35,59 +47,159 @@ def test_execute_keeps_a_failed_copy_with_the_error_in_the_failing_cell(tmp_path
     copy = nbformat.read(tmp_path / "out" / "broken.ipynb", as_version=4)
     outputs = [[o.output_type for o in cell.outputs] for cell in copy.cells[1:]]
     assert outputs == [["stream"], ["error"], []]
-    assert runner.lax_problem(nbformat.read(source, as_version=4), copy) == \
-        "code cell 2: ZeroDivisionError: division by zero"
+    assert copy.cells[2].outputs[0].ename == "ZeroDivisionError"
 
 
-def test_a_notebook_over_its_time_limit_stops_and_its_copy_says_so(tmp_path):
-    source = write_notebook(tmp_path / "slow.ipynb", "x = 1", "import time\ntime.sleep(60)", "print('never')")
-    result = runner.check_notebook(source, tmp_path / "out" / "slow.ipynb", kernel_env=None, timeout=3)
-    assert result.seconds < 30
-    assert result.problem == "code cell 2: CellTimeoutError: the notebook ran past its 3 s limit"
-    copy = nbformat.read(tmp_path / "out" / "slow.ipynb", as_version=4)
-    assert copy.cells[2].outputs[-1].ename == "CellTimeoutError" and copy.cells[3].outputs == []
+def test_the_lane_command_is_nbval_lax_with_the_plugin_a_junit_report_and_the_lane_environment():
+    notebooks = runner.course_notebooks()[:2]
+    environ = {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "1", "COURSE_PROFILE": "tiny"}
+    argv, env = runner.gpu_lane_command("gpu-test", "llama-3.2-3b", notebooks, cell_timeout=3600,
+                                        output_dir=runner.BUILD_DIR / "gpu", environ=environ, python="/venv/bin/python")
+    assert argv[:3] == ["/venv/bin/python", "-m", "pytest"]
+    assert {"--nbval-lax", "--nbval-kernel-name=python3", "--nbval-cell-timeout=3600", "--color=no",
+            "--continue-on-collection-errors", f"--nbval-keep={runner.BUILD_DIR / 'gpu'}",
+            f"--junitxml={runner.BUILD_DIR / 'gpu' / 'junit.xml'}"} <= set(argv)
+    assert argv[argv.index("helpers.nbval_keep") - 1] == "-p" and "--nbval" not in argv
+    assert argv[argv.index("junit_family=xunit1") - 1] == "-o"  # xunit1 writes the nbval_error properties
+    assert argv[-2:] == [f"notebooks/{path.name}" for path in notebooks]  # run from the repository root
+    assert env == {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "0", "COURSE_PROFILE": "llama-3.2-3b"}
+    assert environ["HF_HUB_OFFLINE"] == "1"  # not modified
+    smoke_argv, smoke_env = runner.gpu_lane_command("gpu-smoke", "tiny", notebooks, cell_timeout=240,
+                                                    output_dir=runner.BUILD_DIR / "gpu-smoke", environ={})
+    assert smoke_argv[0] == sys.executable and "--nbval-cell-timeout=240" in smoke_argv
+    assert smoke_env == {"COURSE_PROFILE": "tiny", "HF_HUB_OFFLINE": "1"}
+    with pytest.raises(ValueError, match="unknown GPU lane"):
+        runner.gpu_lane_command("gpu-fast", "tiny", notebooks, cell_timeout=1, output_dir=Path("x"), environ={})
+    with pytest.raises(ValueError, match="at least 1 s"):
+        runner.gpu_lane_command("gpu-smoke", "tiny", notebooks, cell_timeout=0, output_dir=Path("x"), environ={})
 
 
-def test_lax_markers_skip_allow_and_compare_like_nbval(tmp_path):
-    source = write_notebook(
-        tmp_path / "marked.ipynb",
-        "# NBVAL_SKIP\nraise SystemExit('skipped by nbval, so never run')",
-        "# NBVAL_RAISES_EXCEPTION\nraise ValueError('expected')",
-        "print('same')",
-        "print('changed')",
-        tags={2: ["nbval-check-output"], 3: ["nbval-check-output"]},
-    )
-    reference = nbformat.read(source, as_version=4)
-    reference.cells[3].outputs = [nbformat.v4.new_output("stream", name="stdout", text="same\n")]
-    reference.cells[4].outputs = [nbformat.v4.new_output("stream", name="stdout", text="committed\n")]
-    nbformat.write(reference, source)
-    result = runner.check_notebook(source, tmp_path / "out" / "marked.ipynb", kernel_env=None, timeout=60)
-    assert result.problem == "code cell 4: output differs from the committed one (NBVAL_CHECK_OUTPUT)"
-    copy = nbformat.read(tmp_path / "out" / "marked.ipynb", as_version=4)
-    assert copy.cells[1].outputs == [] and copy.cells[2].outputs[0].ename == "ValueError"
-
-
-def test_each_notebook_runs_once_with_the_lane_environment_and_every_copy_is_kept(tmp_path, capsys):
+def test_the_smoke_lane_runs_nbval_once_per_cell_reports_every_failing_cell_and_keeps_every_copy(
+        tmp_path, monkeypatch, capfd):
     counter = tmp_path / "executions.txt"
-    good = write_notebook(tmp_path / "01_good.ipynb", counting_cell(counter), "print('fine')")
-    bad = write_notebook(tmp_path / "02_bad.ipynb", counting_cell(counter), "raise RuntimeError('CUDA error: boom')")
-    env = {**os.environ, "COURSE_PROFILE": "tiny"}
-    results = runner.run_notebooks([good, bad], tmp_path / "copies", env, timeout=60)
-    assert counter.read_text() == "tiny\ntiny\n"  # one execution each, in the lane's environment
-    assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == ["01_good.ipynb", "02_bad.ipynb"]
+    good = write_notebook(
+        tmp_path / "01_good.ipynb",
+        counting_cell(counter, "good-1"), "print('fine')\n6 * 7",
+        "# NBVAL_SKIP\n" + counting_cell(counter, "skipped"), "# NBVAL_RAISES_EXCEPTION\nraise ValueError('expected')")
+    bad = write_notebook(
+        tmp_path / "02_bad.ipynb",
+        counting_cell(counter, "bad-1"), counting_cell(counter, "bad-2") + "\nraise RuntimeError('CUDA error: boom')",
+        counting_cell(counter, "bad-3") + "\nprint('after the error')", "print('changed')",
+        tags={3: ["nbval-check-output"]})
+    committed = nbformat.read(bad, as_version=4)
+    committed.cells[4].execution_count = 4
+    committed.cells[4].outputs = [nbformat.v4.new_output("stream", name="stdout", text="committed\n")]
+    nbformat.write(committed, bad)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    (copies / "02_bad.ipynb").write_text("an older run's copy")
+    monkeypatch.setitem(runner.GPU_LANE_DIRS, "gpu-smoke", copies)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a test GPU")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the smoke lane sets it to 1 for the kernels
+
+    assert runner.run_gpu_lane("gpu-smoke", None, 60, [good, bad]) == 1
+
+    # every cell ran once, in the lane's environment; the skipped one never; nbval went on after the error
+    assert counter.read_text().splitlines() == ["good-1 tiny 1", "bad-1 tiny 1", "bad-2 tiny 1", "bad-3 tiny 1"]
+    out = capfd.readouterr().out
+    assert "02_bad.ipynb::Cell 1" in out and "02_bad.ipynb::Cell 3" in out  # both failing cells reported
+    assert "gpu-smoke on profile tiny: 1 of 2 notebooks passed in " in out
+    assert f"executed copies and junit.xml in {copies}/" in out
+    assert "  FAILED  02_bad" in out and "Cell 1: RuntimeError: CUDA error: boom" in out
+    assert "  passed  01_good" in out
+
+    junit = ET.parse(copies / "junit.xml").getroot()
+    failed = [(case.get("classname"), case.get("name")) for case in junit.iter("testcase")
+              if case.find("failure") is not None]
+    assert failed == [("02_bad.ipynb", "Cell 1"), ("02_bad.ipynb", "Cell 3")]
+    results = runner.junit_results(copies / "junit.xml", [good, bad])
     assert [(r.name, r.problem) for r in results] == [
-        ("01_good", None), ("02_bad", "code cell 2: RuntimeError: CUDA error: boom")]
-    assert "=== 02_bad.ipynb\nFAILED: code cell 2: RuntimeError: CUDA error: boom" in capsys.readouterr().out
+        ("01_good", None), ("02_bad", "Cell 1: RuntimeError: CUDA error: boom")]
+
+    good_cells, bad_cells = code_cells(copies / "01_good.ipynb"), code_cells(copies / "02_bad.ipynb")
+    assert [cell.execution_count for cell in good_cells] == [1, 2, None, 3]
+    assert [o.output_type for o in good_cells[1].outputs] == ["stream", "execute_result"]
+    assert good_cells[1].outputs[1].data["text/plain"] == "42" and good_cells[2].outputs == []
+    assert good_cells[3].outputs[0].ename == "ValueError"
+    assert bad_cells[1].outputs[-1].ename == "RuntimeError" and bad_cells[1].outputs[-1].evalue == "CUDA error: boom"
+    assert bad_cells[2].outputs[0].text == "after the error\n"
+    assert [o.output_type for o in bad_cells[3].outputs] == ["stream", "error"]
+    assert bad_cells[3].outputs[0].text == "changed\n"
+    assert (bad_cells[3].outputs[1].ename, bad_cells[3].outputs[1].evalue) == ("nbval", "Cell outputs differ")
+    for path in (copies / "01_good.ipynb", copies / "02_bad.ipynb"):
+        nbformat.validate(nbformat.read(path, as_version=4))
+
+
+def test_a_kernel_that_does_not_start_fails_its_notebook_with_the_reason_in_the_copy(tmp_path):
+    notebook = write_notebook(tmp_path / "01_any.ipynb", "print('never')", "print('never either')")
+    argv, env = runner.gpu_lane_command("gpu-smoke", "tiny", [notebook], cell_timeout=60,
+                                        output_dir=tmp_path / "copies", environ=os.environ)
+    argv[argv.index("--nbval-kernel-name=python3")] = "--nbval-kernel-name=no-such-kernel"
+    assert subprocess.run(argv, env=env, cwd=runner.REPO_ROOT, capture_output=True, timeout=300).returncode == 1
+    cells = code_cells(tmp_path / "copies" / "01_any.ipynb")
+    assert [(o.ename, o.evalue) for o in cells[0].outputs] == [("nbval", "NoSuchKernel: No such kernel named "
+                                                                         "no-such-kernel")]
+    assert cells[1].outputs == [] and [cell.execution_count for cell in cells] == [None, None]
+    [result] = runner.junit_results(tmp_path / "copies" / "junit.xml", [notebook])
+    assert result.problem == "Cell 0: NoSuchKernel: No such kernel named no-such-kernel"
+
+
+def test_junit_results_name_each_notebooks_first_failure_and_a_missing_notebook(tmp_path):
+    (tmp_path / "junit.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="notebooks.01_a.ipynb" name="Cell 0" time="2.5" />'
+        '<testcase classname="notebooks.01_a.ipynb" name="Cell 1" time="1.0"><failure message="Notebook cell '
+        'execution failed&#10;Cell 1: Cell outputs differ">...</failure></testcase>'
+        '<testcase classname="notebooks.01_a.ipynb" name="Cell 2" time="0.5"><properties>'
+        '<property name="nbval_error" value="NameError: x" /></properties><failure message="m" /></testcase>'
+        '<testcase classname="" name="notebooks.02_b.ipynb" time="0.1"><error message="collection failure&#10;'
+        'NotJSONError: not a notebook" /></testcase>'
+        '</testsuite></testsuites>')
+    notebooks = [Path("notebooks/01_a.ipynb"), Path("notebooks/02_b.ipynb"), Path("notebooks/03_c.ipynb")]
+    results = runner.junit_results(tmp_path / "junit.xml", notebooks)
+    assert [(r.name, r.seconds, r.problem) for r in results] == [
+        ("01_a", 4.0, "Cell 1: Notebook cell execution failed"),
+        ("02_b", 0.1, "collection: collection failure"),
+        ("03_c", 0.0, "no result in the junit report (the run stopped before this notebook)")]
+
+
+def test_the_plugin_does_nothing_without_its_option_and_needs_nbval_with_it():
+    registered = []
+    manager = SimpleNamespace(register=lambda plugin, name: registered.append(name))
+    options = {"nbval_keep": None, "nbval": False, "nbval_lax": False}
+    config = SimpleNamespace(getoption=options.get, pluginmanager=manager)
+    nbval_keep.pytest_configure(config)
+    assert registered == []  # make test: no --nbval-keep, nothing hooked
+    options["nbval_keep"] = "build/x"
+    with pytest.raises(pytest.UsageError, match="add --nbval or --nbval-lax"):
+        nbval_keep.pytest_configure(config)
+    options["nbval_lax"] = True
+    nbval_keep.pytest_configure(config)
+    assert registered == ["nbval-keep"]
+
+
+def test_a_cells_problem_is_the_kernels_error_or_nbvals_message():
+    error = nbformat.v4.new_output("error", ename="OutOfMemoryError", evalue="CUDA out of memory.\nTried", traceback=[])
+    raised = RuntimeError("Cell execution caused an exception")
+    assert nbval_keep.cell_problem([error], raised) == "OutOfMemoryError: CUDA out of memory."
+    NbCellError = type("NbCellError", (Exception,), {})
+    timed_out = NbCellError("Timeout of 240 seconds exceeded executing cell")
+    interrupted = nbformat.v4.new_output("error", ename="KeyboardInterrupt", evalue="", traceback=[])
+    assert nbval_keep.cell_problem([interrupted], timed_out) == "Timeout of 240 seconds exceeded executing cell"
+    assert nbval_keep.cell_problem(None, RuntimeError("Kernel dead on test start")) == \
+        "RuntimeError: Kernel dead on test start"
 
 
 def test_lane_summary_is_one_line_per_notebook_with_the_first_error():
     results = [runner.NotebookResult("01_full_precision", 41.2),
-               runner.NotebookResult("02_int8", 12.0, "code cell 9: RuntimeError: " + "x" * 200)]
+               runner.NotebookResult("02_int8", 12.0, "Cell 9: RuntimeError: " + "x" * 200)]
     summary = runner.lane_summary("gpu-smoke", "tiny", results, runner.BUILD_DIR / "gpu-smoke")
     assert summary.splitlines() == [
-        "gpu-smoke on profile tiny: 1 of 2 notebooks passed in 0.9 min; executed copies in build/gpu-smoke/",
+        "gpu-smoke on profile tiny: 1 of 2 notebooks passed in 0.9 min; executed copies and junit.xml in "
+        "build/gpu-smoke/",
         "  passed  01_full_precision         41 s",
-        "  FAILED  02_int8                   12 s  code cell 9: RuntimeError: " + "x" * 70 + "...",
+        "  FAILED  02_int8                   12 s  Cell 9: RuntimeError: " + "x" * 75 + "...",
     ]
 
 
@@ -99,12 +211,6 @@ def test_lane_summary_is_one_line_per_notebook_with_the_first_error():
 def test_smoke_refusal(cuda, build, expected):
     refusal = runner.smoke_refusal(cuda, build)
     assert refusal is None if expected is None else (expected in refusal and "`make test`" in refusal)
-
-
-def test_nbval_markers_from_comments_and_tags():
-    cell = nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\n# (why)\nx = 1  # NBVAL_SKIP is not a marker here")
-    cell.metadata["tags"] = ["nbval-check-output", "summary"]
-    assert runner.nbval_markers(cell) == {"NBVAL_IGNORE_OUTPUT", "NBVAL_CHECK_OUTPUT"}
 
 
 def test_gpu_setup_keeps_the_torch_family():

@@ -5,6 +5,7 @@
 #   make refresh  re-execute the committed notebooks in place (after an intended change)
 #   make portability  strict nbval under other CPU instruction-set levels and thread counts (before every refresh)
 #   make rebuild-tiny-llama / make rebuild-adapter   retrain the shipped model / adapter (not part of CI)
+#   make rehearse  every notebook on the real Llama-3.2-3B / 3.1-8B configs, random weights, on this CPU (PROFILE=...)
 #   make gpu-setup && make gpu-smoke   on a CUDA machine, no Hub, no token; make gpu-test: the Hub lane
 #   make set-repository URL=... BRANCH=...   point the Colab badges and setup cells at a fork
 
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 NBVAL_FLAGS := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
-.PHONY: run test lab refresh portability rebuild-tiny-llama rebuild-adapter clean-venv
+.PHONY: run test lab refresh portability rehearse rebuild-tiny-llama rebuild-adapter clean-venv
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,12 @@ refresh: $(STAMP)
 
 portability: $(STAMP)
 	$(PY) -m helpers.runner portability
+
+# The rehearsal: the real-model profiles' code path (Hub ids resolved offline from a local cache it builds, the real
+# configs with random weights and fewer layers, Llama 3's tokenizer, decisions for a T4 / a 40 GB GPU) on this CPU,
+# every notebook under pytest --nbval-lax; executed copies and junit.xml in build/rehearsal/<profile>/.
+rehearse: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m helpers.rehearsal $(if $(PROFILE),--profile $(PROFILE))
 
 rebuild-tiny-llama: $(STAMP)
 	$(PY) data/build/train_tiny_llama.py

@@ -8,10 +8,17 @@ apart and fails on a printed True/False that no ``check`` enforced.
 
 A claim a profile cannot make (its numbers do not bear on it) is passed as ``NotChecked(why)``: ``check`` prints
 ``- not checked: <claim> (<why>)`` instead of staying silent, so a reader sees what was left unverified.
+
+Claims are of two kinds. A *law* holds for any weights (an estimate equals a measurement, from scratch equals the
+library, a count equals its formula, memory comes back): ``check`` it, everywhere. An *observation* holds for the
+trained models (a quality threshold, an adapter beating its base, outliers of a size): ``observe`` it. It is checked
+like a law, except in the rehearsal (``make rehearse``: the real configs with random weights), where it prints
+``- not checked: <claim> (random weights)``, never silently.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 CHECK_MARK = "✓"
@@ -81,3 +88,29 @@ def check_all(claims: dict[str, object], detail: str = "") -> None:
         raise ValueError("check_all needs at least one claim.")
     for claim, holds in claims.items():
         check(claim, holds, detail)
+
+
+RANDOM_WEIGHTS_ENV_VAR = "COURSE_REHEARSAL"
+"""Set by ``make rehearse`` (see ``helpers.environment``): the model's weights are random, so observations about
+trained weights cannot be checked."""
+
+RANDOM_WEIGHTS = NotChecked("random weights")
+
+
+def weights_are_random() -> bool:
+    """True in the rehearsal, whose checkpoints hold random weights."""
+    return bool(os.environ.get(RANDOM_WEIGHTS_ENV_VAR, "").strip())
+
+
+def observe(claim: str, holds: object, detail: str = "") -> None:
+    """``check`` an observation: a claim that holds for the trained models, not for any weights. In the rehearsal
+    it prints ``- not checked: <claim> (random weights)`` instead, and ``holds`` is not even looked at."""
+    check(claim, RANDOM_WEIGHTS if weights_are_random() else holds, detail)
+
+
+def observe_all(claims: dict[str, object], detail: str = "") -> None:
+    """``observe`` every (claim, holds) pair in order; the first false one raises."""
+    if not claims:
+        raise ValueError("observe_all needs at least one claim.")
+    for claim, holds in claims.items():
+        observe(claim, holds, detail)

@@ -38,6 +38,12 @@ class Hardware:
     compute_capability: tuple[int, int] | None = None
     gpu_memory_bytes: int | None = None
     cpu_bf16_native: bool | None = None  # AVX512-BF16 or AMX on the host CPU; None when unknown
+    rehearsal: bool = False  # decisions for this GPU, execution on the CPU (helpers.rehearsal, make rehearse)
+
+    @property
+    def execution_device(self) -> str:
+        """Where tensors really go: the device, except in a rehearsal, which runs on the CPU."""
+        return "cpu" if self.rehearsal else self.device
 
     @property
     def bf16_native(self) -> bool:
@@ -50,7 +56,8 @@ class Hardware:
         if self.device == "cpu":
             return "CPU only (no CUDA GPU)"
         major, minor = self.compute_capability or (0, 0)
-        return f"{self.gpu_name}, {(self.gpu_memory_bytes or 0) / 1e9:.1f} GB, compute capability {major}.{minor}"
+        text = f"{self.gpu_name}, {(self.gpu_memory_bytes or 0) / 1e9:.1f} GB, compute capability {major}.{minor}"
+        return text + (" (rehearsed: its decisions, executed on this CPU)" if self.rehearsal else "")
 
 
 CPU = Hardware(device="cpu")
@@ -64,8 +71,24 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+REHEARSAL_ENV_VAR = "COURSE_REHEARSAL"
+"""Set to ``t4`` or ``a100-40gb`` by ``make rehearse``: every decision is made for that GPU, everything runs here."""
+
+
+def rehearsed_hardware(name: str) -> Hardware:
+    """The GPU a rehearsal makes its decisions for (``COURSE_REHEARSAL``), executing on the CPU."""
+    choices = {"t4": T4, "a100-40gb": A100_40GB}
+    if name.strip().lower() not in choices:
+        raise ValueError(f"{REHEARSAL_ENV_VAR} must be one of {', '.join(choices)}, got {name!r}")
+    from dataclasses import replace
+
+    return replace(choices[name.strip().lower()], rehearsal=True, cpu_bf16_native=cpu_has_native_bf16())
+
+
 def detect_hardware() -> Hardware:
-    """Read the hardware of this machine (the first CUDA device if there is one)."""
+    """Read the hardware of this machine (the first CUDA device if there is one), or the rehearsed GPU."""
+    if os.environ.get(REHEARSAL_ENV_VAR, "").strip():
+        return rehearsed_hardware(os.environ[REHEARSAL_ENV_VAR])
     bf16 = cpu_has_native_bf16()
     if not torch.cuda.is_available():
         return Hardware(device="cpu", cpu_bf16_native=bf16)

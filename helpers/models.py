@@ -57,7 +57,7 @@ def from_pretrained_kwargs(profile: Profile, scheme: str, hardware: Hardware) ->
     if profile.needs_gpu and hardware.device != "cuda":
         raise RuntimeError(f"Profile {profile.name!r} needs a CUDA GPU; this hardware is {hardware.describe()}. "
                            "Use the 'tiny' profile on a CPU.")
-    kwargs: dict = {"device_map": "auto"} if hardware.device == "cuda" else {}
+    kwargs: dict = {"device_map": "auto"} if hardware.execution_device == "cuda" else {}
     if scheme in FLOAT_SCHEMES:
         kwargs["dtype"] = FLOAT_SCHEMES[scheme]
     elif scheme == "int8":
@@ -112,7 +112,7 @@ def load_model(profile: Profile, scheme: str = "fp32", hardware: Hardware | None
     kwargs = from_pretrained_kwargs(profile, scheme, hardware)
     if not profile.on_hub:
         check_local_model_files(profile.model_id)
-    if scheme == "int8" and hardware.device == "cpu":  # before loading: a wrong int8 kernel is no rounding matter
+    if scheme == "int8" and hardware.execution_device == "cpu":  # first: a wrong int8 kernel is no rounding matter
         from helpers.quantization import require_exact_int8_matmul
 
         require_exact_int8_matmul("cpu")

@@ -106,11 +106,11 @@ def check_profile_usable(profile: Profile, hardware: Hardware, offline: bool, ha
         raise RuntimeError(
             f"Profile {profile.name!r} needs a CUDA GPU and this machine has none. Use PROFILE = 'tiny' "
             f"(or unset {PROFILE_ENV_VAR}); on Colab choose Runtime > Change runtime type > T4 GPU.")
-    if profile.on_hub and offline:
+    if profile.on_hub and offline and not hardware.rehearsal:  # a rehearsal reads its own local cache
         raise RuntimeError(
             f"Profile {profile.name!r} downloads {profile.model_id} from the Hugging Face Hub, but HF_HUB_OFFLINE "
             f"is set. Unset HF_HUB_OFFLINE to allow downloads, or use PROFILE = 'tiny', which is shipped in data/.")
-    if profile.gated and not has_token:
+    if profile.gated and not has_token and not hardware.rehearsal:
         raise RuntimeError(
             f"{profile.model_id} is gated: accept Meta's license on {profile.model_page} with your Hugging Face "
             f"account, create a read token, then provide it as HF_TOKEN (on Colab: the key icon > add a secret "
@@ -133,7 +133,7 @@ def choose_profile(requested: str | None = None, hardware: Hardware | None = Non
     name, reason = resolve_profile_name(requested, hardware, dict(os.environ))
     profile = PROFILES[name]
     check_profile_usable(profile, hardware, offline=hub_offline(),
-                         has_token=(not profile.gated) or hub_token_available())
+                         has_token=(not profile.gated) or hardware.rehearsal or hub_token_available())
     print(f"Profile: {profile.name} - {profile.description}")
     print(f"  why: {reason}")
     print(f"  hardware: {hardware.describe()}")

@@ -117,3 +117,22 @@ def test_every_cell_that_prints_true_or_false_checks_something(path):
         text = "".join(str(o.get("text") or o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", []))
         text = DESCRIPTIVE["where the notebook runs"].sub("", text)
         assert not BOOLEAN_WORD.search(text) or enforcing.search(cell.source), f"cell {index} prints a bare boolean"
+
+
+def test_an_observation_is_checked_like_a_law_outside_the_rehearsal(capsys, monkeypatch):
+    monkeypatch.delenv(claims.RANDOM_WEIGHTS_ENV_VAR, raising=False)
+    claims.observe("the adapter beats its base", True)
+    assert capsys.readouterr().out == "✓ the adapter beats its base: True\n"
+    with pytest.raises(claims.ClaimFailed, match="beats its base"):
+        claims.observe("the adapter beats its base", False)
+    with pytest.raises(ValueError, match="at least one claim"):
+        claims.observe_all({})
+
+
+def test_in_the_rehearsal_an_observation_says_it_was_not_checked_and_a_law_still_raises(capsys, monkeypatch):
+    monkeypatch.setenv(claims.RANDOM_WEIGHTS_ENV_VAR, "t4")
+    claims.observe_all({"perplexity within 2%": False, "agreement above 98%": True})
+    assert capsys.readouterr().out == ("- not checked: perplexity within 2% (random weights)\n"
+                                       "- not checked: agreement above 98% (random weights)\n")
+    with pytest.raises(claims.ClaimFailed):
+        claims.check("estimate == measured", False)  # a law holds for any weights

@@ -14,6 +14,7 @@
 - ``claims``: a notebook's claims about its own numbers, printed with a ✓ and enforced
 - ``pricer``: the offline pricer task of notebooks 04 and 06
 - ``runner``: executing the notebooks (make run, refresh, portability, the GPU lanes)
+- ``wheelhouse``: the wheels for a CUDA machine without network (make wheelhouse; standard library only)
 
 Importing this package pins the CPU numeric libraries (below) before torch is imported, so that a notebook gives
 the same numbers on every x86-64 CPU, whether it runs under nbval, the runner or JupyterLab.

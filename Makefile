@@ -7,6 +7,7 @@
 #   make rebuild-tiny-llama / make rebuild-adapter   retrain the shipped model / adapter (not part of CI)
 #   make rehearse  every notebook on the real Llama-3.2-3B / 3.1-8B configs, random weights, on this CPU (PROFILE=...)
 #   make gpu-setup && make gpu-smoke   on a CUDA machine, no Hub, no token; make gpu-test: the Hub lane
+#   make wheelhouse PYTHON_VERSION=3.12 CUDA=13.0   the wheels gpu-setup needs, for a CUDA machine without network
 #   make set-repository URL=... BRANCH=...   point the Colab badges and setup cells at a fork
 
 SHELL := /bin/bash
@@ -69,7 +70,8 @@ clean-venv:
 # The GPU lanes, on a machine with a CUDA GPU. They use GPU_PYTHON, whose CUDA build of torch stays: by default
 # .venv-gpu, which `make gpu-setup` creates from $(PYTHON) with --system-site-packages (so it sees that torch) and
 # fills with the pinned requirements except torch, installing only what is missing: with everything present it needs
-# no network, so `make gpu-setup && make gpu-smoke` runs offline.
+# no network, so `make gpu-setup && make gpu-smoke` runs offline. Where wheelhouse/ exists, gpu-setup installs from it
+# alone (pip --no-index): `make wheelhouse` builds it on a machine with PyPI access, for the offline one.
 #   make gpu-smoke   every notebook on the tiny profile placed on the GPU: no Hub, no token; copies in build/gpu-smoke/
 #   make gpu-test    every notebook on a real Llama from the Hub (HF_TOKEN; PROFILE=... to choose); copies in build/gpu/
 # Both are `pytest --nbval-lax` over the notebooks (helpers.runner.gpu_lane_command): every cell runs once, nbval goes
@@ -81,11 +83,21 @@ GPU_VENV := .venv-gpu
 GPU_PYTHON ?= $(GPU_VENV)/bin/python
 PROFILE ?=
 TIMEOUT ?=
-.PHONY: gpu-setup gpu-smoke gpu-test set-repository
+.PHONY: gpu-setup gpu-smoke gpu-test set-repository wheelhouse
 
 gpu-setup:
 	$(if $(filter $(GPU_VENV)/bin/python,$(GPU_PYTHON)),test -x $(GPU_PYTHON) || $(PYTHON) -m venv --system-site-packages $(GPU_VENV))
 	$(GPU_PYTHON) -m helpers.runner gpu-setup
+
+# wheelhouse/: every wheel a CUDA Linux x86-64 machine with its own torch needs for the pins (helpers/wheelhouse.py).
+# PYTHON_VERSION: the target's Python (default: $(PYTHON)'s; exact with PYTHON=python3.12, as pip evaluates dependency
+# markers for the Python that runs it); CUDA=13.0 (or 13): only that CUDA library in bitsandbytes' wheel; GLIBC=2.28.
+PYTHON_VERSION ?=
+CUDA ?=
+GLIBC ?=
+wheelhouse:
+	$(PYTHON) -m helpers.wheelhouse $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) \
+	  $(if $(CUDA),--cuda $(CUDA)) $(if $(GLIBC),--glibc $(GLIBC))
 
 # The smoke lane: every notebook on the tiny profile on the GPU, then the cells that need no trained weights at the
 # real Llama-3.2-3B scale, on a random-weight checkpoint built locally (helpers/scale.py). Both run; either fails it.

@@ -15,6 +15,8 @@
 - ``pricer``: the offline pricer task of notebooks 04 and 06
 - ``runner``: executing the notebooks (make run, refresh, portability, the GPU lanes)
 - ``nbval_keep``: the GPU lanes' pytest plugin, which keeps the notebooks nbval executed
+- ``wheelhouse``: the wheels for a CUDA machine without network (make wheelhouse; standard library only)
+- ``rehearsal``: the real-model profiles rehearsed on the CPU (make rehearse)
 
 Importing this package pins the CPU numeric libraries (below) before torch is imported, so that a notebook gives
 the same numbers on every x86-64 CPU, whether it runs under nbval, the runner or JupyterLab.

@@ -142,18 +142,20 @@ the course uses hqq's PyTorch backend, which needs none of them."""
 
 
 def pip_install(specs: Sequence[str], constraints: Sequence[str], python: str = sys.executable,
-                no_deps: bool = False) -> None:
+                no_deps: bool = False, index_options: Sequence[str] = ()) -> None:
     """``pip install`` the specs under the constraints, printing pip's own output line by line as it comes.
 
     Printed through Python, so a notebook shows it (output a child process writes itself does not reach a Jupyter
-    cell). Raises RuntimeError, after pip's messages, when pip fails. ``no_deps``: pip's ``--no-deps``.
+    cell). Raises RuntimeError, after pip's messages, when pip fails. ``no_deps``: pip's ``--no-deps``;
+    ``index_options``: where pip looks (``--no-index --find-links wheelhouse``; default: the configured index).
     """
     with tempfile.TemporaryDirectory() as folder:
         constraint_file = Path(folder) / "constraints.txt"
         constraint_file.write_text("".join(f"{line}\n" for line in constraints))
         command = [python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", "-c", str(constraint_file),
-                   *(["--no-deps"] if no_deps else []), *specs]
-        print("$ pip install " + " ".join(specs) + (f"  (held: {', '.join(constraints)})" if constraints else ""))
+                   *(["--no-deps"] if no_deps else []), *index_options, *specs]
+        held = f"  (held: {', '.join(constraints)})" if constraints else ""
+        print("$ pip install " + " ".join([*index_options, *specs]) + held)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, **PIP_BUILD_ENVIRONMENT}) as process:
             for line in process.stdout or ():
@@ -165,18 +167,18 @@ def pip_install(specs: Sequence[str], constraints: Sequence[str], python: str = 
 
 
 def install_missing(pins: Mapping[str, str], protected: Sequence[str] = PROTECTED,
-                    python: str = sys.executable) -> InstallReport:
+                    python: str = sys.executable, index_options: Sequence[str] = ()) -> InstallReport:
     """Install the pins that are missing or at another version, holding ``protected`` where it is.
 
     Returns what was installed, what was left alone, what changed on disk and which of those changes the running
-    session had already imported (those need a restart).
+    session had already imported (those need a restart). ``index_options``: as for ``pip_install``.
     """
     before = installed_versions()
     specs = packages_to_install(pins, before)
     left_alone = [name for name, version in pins.items() if before.get(name) == version]
     if not specs:
         return InstallReport(left_alone=left_alone)
-    pip_install(specs, protected_constraints(before, protected), python)
+    pip_install(specs, protected_constraints(before, protected), python, index_options=index_options)
     after = installed_versions()
     changed = changed_packages(before, after)
     owners = importlib.metadata.packages_distributions()
@@ -185,16 +187,18 @@ def install_missing(pins: Mapping[str, str], protected: Sequence[str] = PROTECTE
 
 
 def install_missing_no_deps(pins: Mapping[str, str], protected: Sequence[str] = PROTECTED,
-                            python: str = sys.executable) -> list[str]:
+                            python: str = sys.executable, index_options: Sequence[str] = ()) -> list[str]:
     """Install with pip's ``--no-deps`` the pins that are missing or at another version, holding ``protected`` where
     it is; return the ``name==version`` specs given to pip (none when every pin is already right).
 
     For the ``#no-deps`` lines of requirements.txt: libraries whose declared pins conflict with ours.
+    ``index_options``: as for ``pip_install``.
     """
     before = installed_versions()
     specs = packages_to_install(pins, before)
     if specs:
-        pip_install(specs, protected_constraints(before, protected), python, no_deps=True)
+        pip_install(specs, protected_constraints(before, protected), python, no_deps=True,
+                    index_options=index_options)
     return specs
 
 

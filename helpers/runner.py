@@ -7,7 +7,8 @@
 ``python -m helpers.runner gpu-smoke`` the GPU smoke lane: every notebook on the tiny profile placed on the GPU,
                                       no Hub, no token; executed copies and junit.xml in build/gpu-smoke/
 ``python -m helpers.runner gpu-test`` the Hub lane: every notebook on a real Llama profile, Hub access on
-``python -m helpers.runner gpu-setup`` the pinned requirements, torch excepted, into this Python (only what is missing)
+``python -m helpers.runner gpu-setup`` the pinned requirements, torch excepted, into this Python (only what is missing;
+                                      from wheelhouse/ alone when it exists, see helpers/wheelhouse.py)
 
 Both GPU lanes are ``pytest --nbval-lax`` over the notebooks, with ``helpers.nbval_keep`` keeping what nbval executed
 (see README, "The GPU lanes").
@@ -284,11 +285,13 @@ def gpu_setup_pins(pins: dict[str, str]) -> dict[str, str]:
     return {name: version for name, version in pins.items() if name not in GPU_SETUP_KEEPS}
 
 
-def run_gpu_setup(requirements: Path) -> int:
+def run_gpu_setup(requirements: Path, wheelhouse: Path | None = None) -> int:
     """Install the pinned requirements, torch excepted, into this Python: only those missing or at other versions.
 
     The ``#no-deps name==version`` lines are installed with pip's ``--no-deps``, as the Makefile does. When all are
-    present it installs nothing, so it works without a network. Exit code 2 when there is no torch.
+    present it installs nothing, so it works without a network. When the folder ``wheelhouse`` exists (``make
+    wheelhouse``), pip installs from it alone, with no index, after checking it fits this Python, these pins and
+    torch's CUDA version (``helpers.wheelhouse.setup_refusal``). Exit code 2 when there is no torch or it does not fit.
     """
     from helpers import colab
 
@@ -298,9 +301,22 @@ def run_gpu_setup(requirements: Path) -> int:
               "(https://pytorch.org/get-started/locally/); gpu-setup keeps it and installs the rest.", file=sys.stderr)
         return GPU_LANE_EXIT_REFUSED
     text = requirements.read_text()
+    index_options: list[str] = []
+    if wheelhouse is not None and wheelhouse.is_dir():
+        from helpers import wheelhouse as wheels
+
+        manifest = wheels.read_manifest(wheelhouse)
+        torch_cuda = wheels.torch_cuda_version() if manifest and manifest.get("cuda") else None
+        refusal = wheels.setup_refusal(manifest, text, f"{sys.version_info.major}.{sys.version_info.minor}", torch_cuda)
+        if refusal is not None:
+            print(f"gpu-setup refused: {refusal}", file=sys.stderr)
+            return GPU_LANE_EXIT_REFUSED
+        index_options = wheels.install_options(wheelhouse)
+        print(f"gpu-setup: installing from {wheelhouse} only, no package index")
     pins, no_deps_pins = gpu_setup_pins(colab.read_pins(text)), gpu_setup_pins(colab.read_no_deps_pins(text))
-    report = colab.install_missing(pins, protected=GPU_SETUP_KEEPS)
-    loose = colab.install_missing_no_deps(no_deps_pins, protected=GPU_SETUP_KEEPS)  # after their run-time needs
+    report = colab.install_missing(pins, protected=GPU_SETUP_KEEPS, index_options=index_options)
+    loose = colab.install_missing_no_deps(no_deps_pins, protected=GPU_SETUP_KEEPS,  # after their run-time needs
+                                          index_options=index_options)
     right = len(report.left_alone) + len(no_deps_pins) - len(loose)
     print(f"gpu-setup: torch {installed['torch']} kept; installed {', '.join(report.installed + loose) or 'nothing'}; "
           f"{right} of {len(pins) + len(no_deps_pins)} pinned packages were already right")
@@ -380,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"GPU lanes: seconds per cell (default: {GPU_LANE_CELL_TIMEOUTS})")
     args = parser.parse_args(argv)
     if args.mode == "gpu-setup":
-        return run_gpu_setup(REPO_ROOT / "requirements.txt")
+        return run_gpu_setup(REPO_ROOT / "requirements.txt", REPO_ROOT / "wheelhouse")
     chosen = [NOTEBOOK_DIR / name for name in args.notebooks] if args.notebooks else course_notebooks()
     missing = [str(p) for p in chosen if not p.is_file()]
     if missing:

@@ -110,7 +110,7 @@ def test_every_check_mark_line_says_true():
 
 @pytest.mark.parametrize("path", runner.course_notebooks(), ids=lambda p: p.name)
 def test_every_cell_that_prints_true_or_false_checks_something(path):
-    enforcing = re.compile(r"claims\.check|\bassert\b|\braise\b|check_memory_before_loading")
+    enforcing = re.compile(r"claims\.check|claims\.observe|\bassert\b|\braise\b|check_memory_before_loading")
     for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
         if cell.cell_type != "code":
             continue

@@ -91,11 +91,12 @@ def test_gpu_setup_installs_the_no_deps_pins_with_no_deps_when_missing_or_at_ano
     present = {**colab.read_pins(text), "torch": "2.9.0+cu128", "compressed-tensors": "0.18.0"}  # no llmcompressor
     monkeypatch.setattr(colab, "installed_versions", lambda: dict(present))
     calls = []
-    monkeypatch.setattr(colab, "pip_install", lambda specs, constraints, python=None, no_deps=False:
+    monkeypatch.setattr(colab, "pip_install", lambda specs, constraints, python=None, no_deps=False, index_options=():
                         calls.append((list(specs), no_deps)))
     assert runner.run_gpu_setup(REPO_ROOT / "requirements.txt") == 0
-    assert calls == [(["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0"], True)]  # the rest were right
-    assert "installed llmcompressor==0.14.0.1, compressed-tensors==0.19.0;" in capsys.readouterr().out
+    assert calls == [(["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "llama-models==0.3.0"], True)]
+    assert "installed llmcompressor==0.14.0.1, compressed-tensors==0.19.0, llama-models==0.3.0;" in \
+        capsys.readouterr().out  # the rest were right
     present.update(colab.read_no_deps_pins(text))
     calls.clear()
     assert runner.run_gpu_setup(REPO_ROOT / "requirements.txt") == 0

@@ -270,6 +270,9 @@ def rehearse(profile_names: list[str], notebooks: list[Path], work: Path = WORK_
 
     from helpers.runner import JUNIT_NAME, junit_results, lane_summary
 
+    from helpers import environment
+
+    environment.quiet_known_noise(verbose=False)  # the build's progress bars and notes
     cache = work / "hub-cache"
     summaries, failed = [], False
     for name in profile_names:

@@ -5,10 +5,11 @@ import ast
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests import support
 
 from helpers import colab, environment
 
@@ -163,11 +164,7 @@ print("HEAVY", sorted(m for m in ("numpy", "torch", "transformers") if m in sys.
 
 
 def pypi_reachable() -> bool:
-    try:
-        with urllib.request.urlopen("https://pypi.org/simple/safetensors/", timeout=5):
-            return True
-    except OSError:
-        return False
+    return support.pypi_reachable("safetensors")
 
 
 COLAB_TORCH = "2.11.0+cu128"

@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests import support
 
 from helpers import colab, runner, wheelhouse
 
@@ -179,11 +180,7 @@ def test_make_wheelhouse_is_wired_and_its_output_ignored():
 # --- with PyPI: a small wheelhouse built here, installed into a fresh virtual environment with no index ----------
 
 def pypi_reachable() -> bool:
-    try:
-        with urllib.request.urlopen("https://pypi.org/simple/bitsandbytes/", timeout=5):
-            return True
-    except OSError:
-        return False
+    return support.pypi_reachable("bitsandbytes")
 
 
 SMALL_REQUIREMENTS = "torch==2.13.0\nbitsandbytes==0.50.2\ntermcolor==3.3.0\n#no-deps hqq==0.2.8\n"

@@ -35,8 +35,8 @@ def test_each_library_imports_at_its_pin(distribution, module):
 
 
 def test_no_deps_libraries_are_listed_for_the_makefile():
-    assert re.findall(r"^#no-deps (\S+)$", REQUIREMENTS, re.MULTILINE) == ["llmcompressor==0.14.0.1",
-                                                                         "compressed-tensors==0.19.0"]
+    assert re.findall(r"^#no-deps (\S+)$", REQUIREMENTS, re.MULTILINE) == [
+        "llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "llama-models==0.3.0"]  # the last: make rehearse
     # the course's own pins did not move for them
     import transformers
 
@@ -117,7 +117,8 @@ def test_colab_installs_notebook_07s_extras_from_the_pins_and_nothing_elsewhere(
     from helpers import colab
 
     root = Path(__file__).resolve().parents[1]
-    assert colab.read_no_deps_pins(REQUIREMENTS) == {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0"}
+    assert colab.read_no_deps_pins(REQUIREMENTS) == {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0",
+                                                      "llama-models": "0.3.0"}
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     assert colab.install_extras_on_colab(root, colab.BEYOND_BITSANDBYTES_LIBRARIES) is None
     monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))

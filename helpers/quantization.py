@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -578,8 +579,6 @@ def int8_matmul_check(device: str | torch.device = "cpu", matmul=None, kernel: s
 
 def require_exact_int8_matmul(device: str | torch.device = "cpu") -> Int8MatmulCheck:
     """``int8_matmul_check``, raising a RuntimeError that says how to fix the environment when products are wrong."""
-    import os
-
     check = int8_matmul_check(device)
     if not check.exact:
         pins = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in ("ATEN_CPU_CAPABILITY",

@@ -117,8 +117,6 @@ def check_llama3_tokenizer(tokenizer) -> None:
 
 def rehearsal_config(profile_name: str, layers: int = REHEARSAL_LAYERS) -> dict:
     """The profile's public config (``data/reference/``) with ``layers`` decoder layers: everything else is real."""
-    from helpers import profiles
-
     if profile_name not in REHEARSED_PROFILES:
         raise ValueError(f"the rehearsal builds {', '.join(REHEARSED_PROFILES)}, not {profile_name!r}")
     if not isinstance(layers, int) or layers < REHEARSAL_LAYERS:
@@ -127,7 +125,6 @@ def rehearsal_config(profile_name: str, layers: int = REHEARSAL_LAYERS) -> dict:
     config = {k: v for k, v in json.loads(reference.read_text()).items() if not k.startswith("_")}
     if config["num_hidden_layers"] < layers:
         raise ValueError(f"{profile_name} has only {config['num_hidden_layers']} layers")
-    profiles.get_profile(profile_name)  # a known profile
     return {**config, "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
 
 
@@ -233,15 +230,12 @@ def rehearsal_command(profile_name: str, notebooks: list[Path], cache: Path, out
     import sys
 
     from helpers import environment, profiles
-    from helpers.runner import JUNIT_NAME
+    from helpers.runner import nbval_lax_argv
 
     if profile_name not in REHEARSAL_HARDWARE:
         raise ValueError(f"the rehearsal runs {', '.join(REHEARSAL_HARDWARE)}, not {profile_name!r}")
-    paths = [str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path) for path in notebooks]
-    argv = [python or sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-kernel-name=python3",
-            f"--nbval-cell-timeout={cell_timeout}", "-p", "helpers.nbval_keep", f"--nbval-keep={output_dir}",
-            f"--junitxml={output_dir / JUNIT_NAME}", "-o", "junit_family=xunit1", "-p", "no:cacheprovider",
-            "--continue-on-collection-errors", "--color=no", "-q", *paths]
+    argv = nbval_lax_argv(notebooks, cell_timeout=cell_timeout, output_dir=output_dir,
+                          python=python or sys.executable, extra=("-q",))
     env = {**environ, profiles.PROFILE_ENV_VAR: profile_name,
            environment.REHEARSAL_ENV_VAR: REHEARSAL_HARDWARE[profile_name],
            "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
@@ -270,14 +264,12 @@ def rehearse(profile_names: list[str], notebooks: list[Path], work: Path = WORK_
 
     from helpers.runner import JUNIT_NAME, junit_results, lane_summary
 
-    from helpers import environment
+    from helpers import environment, profiles
 
     environment.quiet_known_noise(verbose=False)  # the build's progress bars and notes
     cache = work / "hub-cache"
     summaries, failed = [], False
     for name in profile_names:
-        from helpers import profiles
-
         profile = profiles.get_profile(name)
         marker = cache / f"models--{profile.model_id.replace('/', '--')}" / "refs" / "main"
         if rebuild or not marker.is_file():

@@ -107,15 +107,22 @@ def gpu_lane_command(lane: str, profile_name: str, notebooks: list[Path], *, cel
 
     if lane not in GPU_LANE_HUB_OFFLINE:
         raise ValueError(f"unknown GPU lane {lane!r}; expected one of {sorted(GPU_LANE_HUB_OFFLINE)}")
+    argv = nbval_lax_argv(notebooks, cell_timeout=cell_timeout, output_dir=output_dir, python=python)
+    env = {**environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": GPU_LANE_HUB_OFFLINE[lane]}
+    return argv, env
+
+
+def nbval_lax_argv(notebooks: list[Path], *, cell_timeout: int, output_dir: Path, python: str = sys.executable,
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    """``pytest --nbval-lax`` over ``notebooks`` with the executed copies and the junit report in ``output_dir``
+    (pure): the command of the GPU lanes and of the rehearsal. ``extra`` goes before the notebooks."""
     if cell_timeout < 1:
         raise ValueError(f"the cell time limit must be at least 1 s, got {cell_timeout}")
     paths = [str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path) for path in notebooks]
-    argv = [python, "-m", "pytest", "--nbval-lax", "--nbval-kernel-name=python3",
+    return [python, "-m", "pytest", "--nbval-lax", "--nbval-kernel-name=python3",
             f"--nbval-cell-timeout={cell_timeout}", "-p", "helpers.nbval_keep", f"--nbval-keep={output_dir}",
             f"--junitxml={output_dir / JUNIT_NAME}", "-o", "junit_family=xunit1",  # xunit1 keeps nbval_error
-            "-p", "no:cacheprovider", "--continue-on-collection-errors", "--color=no", *paths]
-    env = {**environ, profiles.PROFILE_ENV_VAR: profile_name, "HF_HUB_OFFLINE": GPU_LANE_HUB_OFFLINE[lane]}
-    return argv, env
+            "-p", "no:cacheprovider", "--continue-on-collection-errors", "--color=no", *extra, *paths]
 
 
 @dataclass(frozen=True)

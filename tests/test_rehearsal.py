@@ -116,3 +116,9 @@ def test_claim_counts_tell_laws_from_observations(tmp_path):
     notebook.cells = [cell]
     nbformat.write(notebook, tmp_path / "n.ipynb")
     assert rehearsal.claim_counts(tmp_path / "n.ipynb") == (2, 1)
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0), dict(target_modules=())])
+def test_an_adapter_shape_that_is_not_lora_is_refused(bad):
+    with pytest.raises(ValueError, match="not a LoRA adapter shape"):
+        rehearsal.AdapterShape(**bad)

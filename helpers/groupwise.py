@@ -544,22 +544,24 @@ class ComparisonPlan:
         return f"{method} {bits}-bit {'sym' if symmetric else 'asym'}{self.layers_suffix}"
 
 
-def comparison_plan(num_layers: int, device: str, full_layers_at_most: int = 8) -> ComparisonPlan:
+def comparison_plan(num_layers: int, device: str, whole_model: bool) -> ComparisonPlan:
     """Which layers the calibration methods (GPTQ, AWQ) quantize, and how much data they see (pure).
 
-    A model of at most ``full_layers_at_most`` decoder layers (the tiny Llama) gets every method on every layer.
-    A real Llama gets the calibration-free methods (RTN, HQQ, GGUF, bitsandbytes) on the whole model and the
-    calibration methods on its first ``CALIBRATED_LAYERS_ON_GPU`` layers, compared with RTN on those same layers.
+    ``whole_model`` (the tiny Llama): every method on every layer. Otherwise (a real Llama, in the rehearsal too,
+    whatever its depth there): the calibration-free methods (RTN, HQQ, GGUF, bitsandbytes) on the whole model and
+    the calibration methods on its first ``CALIBRATED_LAYERS_ON_GPU`` layers, compared with RTN on those same layers.
     """
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if num_layers <= full_layers_at_most:
+    if not isinstance(whole_model, bool):
+        raise ValueError(f"whole_model must be True (the tiny Llama) or False (a real one), got {whole_model!r}")
+    if whole_model or num_layers <= CALIBRATED_LAYERS_ON_GPU:
         layers = tuple(range(num_layers))
         reason = f"{num_layers} decoder layers: every method quantizes the whole model"
     else:
-        layers = tuple(range(min(CALIBRATED_LAYERS_ON_GPU, num_layers)))
+        layers = tuple(range(CALIBRATED_LAYERS_ON_GPU))
         reason = (f"{num_layers} decoder layers: GPTQ and AWQ quantize layers {', '.join(map(str, layers))} only "
                   f"(one column at a time is slow at this size), RTN beside them on the same layers; RTN, HQQ, "
                   f"GGUF and bitsandbytes also quantize the whole model")

@@ -24,7 +24,7 @@ import math
 import numbers
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -532,6 +532,17 @@ class TrainingSettings:
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         return self.learning_rate * min(1.0, (step + 1) / max(self.warmup_steps, 1))
+
+    def with_steps(self, steps: int) -> "TrainingSettings":
+        """The same run cut to ``steps`` (``helpers.workload.steps``: fewer only under a small workload), warm-up
+        still a tenth of the steps; ``self`` when nothing changes."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if steps == self.steps:
+            return self
+        return replace(self, steps=steps, warmup_steps=steps // 10,
+                       reasons=(*self.reasons, f"{steps} steps instead of {self.steps}: a small workload "
+                                               f"(helpers.workload)"))
 
 
 def training_settings(profile_name: str, compute_dtype: torch.dtype, on_gpu: bool) -> TrainingSettings:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers import workload
 from helpers.environment import Hardware, detect_hardware, hub_offline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,4 +139,7 @@ def choose_profile(requested: str | None = None, hardware: Hardware | None = Non
     print(f"  why: {reason}")
     print(f"  hardware: {hardware.describe()}")
     print(f"  override: set PROFILE in the cell above or {PROFILE_ENV_VAR}; choices: {', '.join(PROFILES)}")
+    work = workload.current()  # a wrong COURSE_WORKLOAD stops here, with the choices
+    if work.reduced:  # the full lesson prints nothing here
+        print(f"  workload: {work.describe()}, set by {workload.WORKLOAD_ENV_VAR}; unset it for the lesson's sizes")
     return profile

@@ -217,6 +217,10 @@ REHEARSAL_HARDWARE = {"llama-3.2-3b": "t4", "llama-3.1-8b": "a100-40gb"}
 
 WORK_DIR = REPO_ROOT / "build" / "rehearsal"
 
+REHEARSAL_WORKLOAD = "small"
+"""The rehearsal's ``COURSE_WORKLOAD`` unless the caller sets one (``COURSE_WORKLOAD=full make rehearse``): random
+weights need no long evaluations, and it keeps both profiles within the lane's budget (``helpers.workload``)."""
+
 
 def rehearsal_command(profile_name: str, notebooks: list[Path], cache: Path, output_dir: Path,
                       environ: dict[str, str], cell_timeout: int = 1800,
@@ -229,14 +233,15 @@ def rehearsal_command(profile_name: str, notebooks: list[Path], cache: Path, out
     """
     import sys
 
-    from helpers import environment, profiles
+    from helpers import environment, profiles, workload
     from helpers.runner import nbval_lax_argv
 
     if profile_name not in REHEARSAL_HARDWARE:
         raise ValueError(f"the rehearsal runs {', '.join(REHEARSAL_HARDWARE)}, not {profile_name!r}")
     argv = nbval_lax_argv(notebooks, cell_timeout=cell_timeout, output_dir=output_dir,
                           python=python or sys.executable, extra=("-q",))
-    env = {**environ, profiles.PROFILE_ENV_VAR: profile_name,
+    env = {**environ, workload.WORKLOAD_ENV_VAR: environ.get(workload.WORKLOAD_ENV_VAR) or REHEARSAL_WORKLOAD,
+           profiles.PROFILE_ENV_VAR: profile_name,
            environment.REHEARSAL_ENV_VAR: REHEARSAL_HARDWARE[profile_name],
            "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     return argv, env

@@ -343,16 +343,28 @@ def test_round_to_nearest_on_some_layers_and_backup_restore():
 
 
 def test_the_plan_runs_everything_on_the_tiny_model_and_calibration_on_a_few_layers_of_a_real_llama():
-    tiny = groupwise.comparison_plan(6, "cpu")  # the shipped tiny Llama on a CPU
+    tiny = groupwise.comparison_plan(6, "cpu", whole_model=True)  # the shipped tiny Llama on a CPU
     assert tiny.calibration_layers == tuple(range(6)) and tiny.calibration_on_whole_model
     assert tiny.bit_widths == (4, 3, 2) and tiny.awq_bit_widths == (4,) and tiny.group_size == 64
-    t4 = groupwise.comparison_plan(28, "cuda")  # Llama-3.2-3B on a T4
+    t4 = groupwise.comparison_plan(28, "cuda", whole_model=False)  # Llama-3.2-3B on a T4
     assert t4.calibration_layers == (0, 1) and not t4.calibration_on_whole_model
     assert "layers 0, 1 only" in t4.reason and t4.calibration_sequences == 16
     with pytest.raises(ValueError, match="num_layers must be a positive int"):
-        groupwise.comparison_plan(0, "cpu")
+        groupwise.comparison_plan(0, "cpu", whole_model=True)
     with pytest.raises(ValueError, match="device must be"):
-        groupwise.comparison_plan(6, "tpu")
+        groupwise.comparison_plan(6, "tpu", whole_model=True)
+    with pytest.raises(ValueError, match="whole_model must be True"):
+        groupwise.comparison_plan(6, "cpu", whole_model=None)
+
+
+def test_a_real_llama_calibrates_its_first_layers_at_any_depth_so_the_rehearsal_takes_the_t4_path():
+    from helpers.rehearsal import REHEARSAL_LAYERS
+
+    rehearsed = groupwise.comparison_plan(REHEARSAL_LAYERS, "cuda", whole_model=False)
+    assert rehearsed.calibration_layers == (0, 1) and not rehearsed.calibration_on_whole_model
+    assert rehearsed.layers_suffix == ", layers 0-1"
+    # the tiny Llama's depth never decides it: a 3-layer tiny model still quantizes everything
+    assert groupwise.comparison_plan(3, "cpu", whole_model=True).calibration_on_whole_model
 
 
 def test_pareto_frontier_keeps_the_points_nothing_beats():
@@ -375,9 +387,9 @@ def test_the_inverse_hessian_factor_is_the_same_whatever_the_thread_count():
 
 
 def test_results_on_part_of_a_real_llama_are_labelled_as_such():
-    tiny = groupwise.comparison_plan(6, "cpu")
+    tiny = groupwise.comparison_plan(6, "cpu", whole_model=True)
     assert tiny.layers_suffix == "" and tiny.calibrated_label("GPTQ", 3) == "GPTQ 3-bit asym"
-    real = groupwise.comparison_plan(28, "cuda")  # Llama-3.2-3B: GPTQ and AWQ on the first layers only
+    real = groupwise.comparison_plan(28, "cuda", whole_model=False)  # Llama-3.2-3B: GPTQ and AWQ on the first layers only
     assert not real.calibration_on_whole_model
     first, last = real.calibration_layers[0], real.calibration_layers[-1]
     assert real.calibrated_label("GPTQ", 3) == f"GPTQ 3-bit asym, layers {first}-{last}"

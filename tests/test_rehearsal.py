@@ -101,8 +101,10 @@ def test_the_rehearsal_command_runs_nbval_lax_with_the_profiles_decisions(tmp_pa
                                             {"PATH": "/bin"}, python="python")
     assert argv[:4] == ["python", "-m", "pytest", "--nbval-lax"] and "notebooks/01_full_precision.ipynb" in argv
     assert f"--nbval-keep={tmp_path / 'out'}" in argv and f"--junitxml={tmp_path / 'out' / 'junit.xml'}" in argv
-    assert env == {"PATH": "/bin", "COURSE_PROFILE": "llama-3.1-8b", "COURSE_REHEARSAL": "a100-40gb",
-                   "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    assert env == {"PATH": "/bin", "COURSE_WORKLOAD": "small", "COURSE_PROFILE": "llama-3.1-8b",
+                   "COURSE_REHEARSAL": "a100-40gb", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    _, full = rehearsal.rehearsal_command("llama-3.2-3b", [notebook], tmp_path, tmp_path, {"COURSE_WORKLOAD": "full"})
+    assert full["COURSE_WORKLOAD"] == "full"  # the caller's choice stands
     with pytest.raises(ValueError, match="not 'tiny'"):
         rehearsal.rehearsal_command("tiny", [notebook], tmp_path, tmp_path, {})
 

@@ -68,7 +68,7 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The GPU lanes, on a machine with a CUDA GPU. They use GPU_PYTHON, whose CUDA build of torch stays: by default
-# .venv-gpu, which `make gpu-setup` creates from $(PYTHON) with --system-site-packages (so it sees that torch) and
+# .venv-gpu (GPU_VENV=... elsewhere, e.g. outside a CI checkout that cleans the tree), which `make gpu-setup` creates from $(PYTHON) with --system-site-packages (so it sees that torch) and
 # fills with the pinned requirements except torch, installing only what is missing: with everything present it needs
 # no network, so `make gpu-setup && make gpu-smoke` runs offline. Where wheelhouse/ exists, gpu-setup installs from it
 # alone (pip --no-index): `make wheelhouse` builds it on a machine with PyPI access, for the offline one.
@@ -79,7 +79,7 @@ clean-venv:
 # failed ones with the error in the failing cell, next to nbval's junit.xml; a one-screen summary ends the run.
 # TIMEOUT= is seconds per cell. Exit code 2: the lane refused to start (no CUDA device, a gated profile without
 # HF_TOKEN, a `python3` kernel from another Python); 1: a notebook failed.
-GPU_VENV := .venv-gpu
+GPU_VENV ?= .venv-gpu
 GPU_PYTHON ?= $(GPU_VENV)/bin/python
 PROFILE ?=
 TIMEOUT ?=

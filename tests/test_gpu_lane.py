@@ -63,6 +63,26 @@ def test_gpu_lane_refusals(cuda, profile, token, expected):
         assert re.search(expected, refusal), refusal
 
 
+KEPT_GPU_VENV = "$RUNNER_TOOL_CACHE/llm-quantization-course/venv-gpu"
+"""Where the workflows keep the GPU venv: outside the checkout, which actions/checkout cleans on every run."""
+
+
+def test_every_gpu_workflow_keeps_its_venv_outside_the_checkout_so_later_runs_need_no_network(tmp_path):
+    import subprocess
+
+    for path in (WORKFLOW, SMOKE_WORKFLOW):
+        runs = [step["run"] for step in next(iter(load(path)["jobs"].values()))["steps"] if "run" in step]
+        assert runs and all(run.startswith("make gpu-") and f'GPU_VENV="{KEPT_GPU_VENV}"' in run for run in runs), path
+    # make honours it: gpu-setup creates and fills that venv, the lanes run its python
+    venv = tmp_path / "kept" / "venv-gpu"
+    for target, expected in (("gpu-setup", f"{venv}/bin/python -m helpers.runner gpu-setup"),
+                             ("gpu-smoke", f"{venv}/bin/python -m helpers.runner gpu-smoke")):
+        dry = subprocess.run(["make", "-n", target, f"GPU_VENV={venv}"], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert dry.returncode == 0 and expected in dry.stdout, dry.stdout + dry.stderr
+    assert f"-m venv --system-site-packages {venv}" in subprocess.run(
+        ["make", "-n", "gpu-setup", f"GPU_VENV={venv}"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+
+
 def test_workflow_is_valid_yaml_naming_the_gpu_test_command():
     workflow = yaml.safe_load(WORKFLOW.read_text())
     job = next(iter(workflow["jobs"].values()))
@@ -186,7 +206,8 @@ def test_smoke_lane_runs_on_pull_requests_only_after_a_maintainer_approves():
                          "contains(github.event.pull_request.labels.*.name, 'run-gpu')")
     assert job["environment"] == "gpu-smoke"  # required reviewers approve every run (see the workflow's comment)
     assert "self-hosted" in job["runs-on"]
-    assert [step.get("run") for step in job["steps"] if "run" in step] == ["make gpu-setup", "make gpu-smoke"]
+    assert [step.get("run") for step in job["steps"] if "run" in step] == [
+        f'make gpu-setup GPU_VENV="{KEPT_GPU_VENV}"', f'make gpu-smoke GPU_VENV="{KEPT_GPU_VENV}"']
     upload = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()"
     assert upload["with"]["path"].split() == ["build/gpu-smoke/*.ipynb", "build/gpu-smoke/junit.xml"]

@@ -632,6 +632,32 @@ def sft_config_kwargs(settings: TrainingSettings, output_dir: str | Path, save_s
     }
 
 
+def training_autocast(settings: TrainingSettings, device: torch.device | str):
+    """The autocast context of ``SFTTrainer(fp16=True)``, for the explicit loop and every loss compared with it.
+
+    With float16 compute the trainer (through accelerate) runs each forward pass under float16 autocast, and leaves
+    ``model.forward`` wrapped in it afterwards. The loop computes under the same context, so the two runs are the
+    same computation by construction; where the loss is not scaled (float32 or bfloat16 compute) the context is off
+    and nothing changes.
+    """
+    if not isinstance(settings, TrainingSettings):
+        raise TypeError(f"settings must be helpers.lora.TrainingSettings, got {type(settings).__name__}.")
+    return torch.autocast(torch.device(device).type, dtype=torch.float16, enabled=settings.loss_scaling)
+
+
+def schedule_after_step(scheduler, scaler, scale_before: float) -> bool:
+    """Advance the learning-rate schedule unless the loss scaler skipped the optimizer step; True when it advanced.
+
+    A ``GradScaler`` that finds inf or NaN gradients skips ``optimizer.step()`` and lowers its scale; accelerate then
+    skips the scheduler too (its ``step_was_skipped``), so the loop does the same. Call it after ``scaler.update()``
+    with the scale read before ``scaler.step``. A disabled scaler never skips.
+    """
+    if scaler.get_scale() < scale_before:
+        return False
+    scheduler.step()
+    return True
+
+
 def trainer_loss_tolerance(compute_dtype: torch.dtype) -> float:
     """How far a logged ``SFTTrainer`` loss may be from the explicit loop's at the same step (absolute).
 

@@ -249,3 +249,37 @@ def test_notebook_06_colab_extras_are_pinned():
     pins = colab.read_pins((REPO_ROOT / "requirements.txt").read_text())
     assert {"trl", "datasets"} <= set(pins)
     assert colab.install_extras_on_colab(REPO_ROOT, ("trl", "datasets")) is None  # not on Colab: installs nothing
+
+
+def test_the_loop_leaves_the_schedule_where_it_was_after_a_step_the_scaler_skipped():
+    from helpers.lora import schedule_after_step
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step + 1.0)
+    scaler = torch.amp.GradScaler(device="cpu", init_scale=2.0 ** 4)
+    advanced = []
+    for gradient in (torch.tensor([1.0, 1.0]), torch.tensor([float("inf"), 1.0]), torch.tensor([1.0, 1.0])):
+        scaler.scale((weight * gradient).sum()).backward()  # a gradient of `gradient`, scaled
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        advanced.append(schedule_after_step(scheduler, scaler, before))
+        optimizer.zero_grad()
+    assert advanced == [True, False, True] and scheduler.last_epoch == 2
+    assert scaler.get_scale() == 2.0 ** 3  # the inf halved the scale once
+    disabled = torch.amp.GradScaler(device="cpu", enabled=False)
+    assert schedule_after_step(scheduler, disabled, disabled.get_scale()) and scheduler.last_epoch == 3
+
+
+def test_the_loop_computes_under_the_trainers_autocast_only_with_float16_compute():
+    from helpers.lora import training_autocast, training_settings
+
+    linear = torch.nn.Linear(4, 4)
+    x = torch.ones(1, 4)
+    for dtype, expected in ((torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+        settings = training_settings("llama-3.2-3b", dtype, on_gpu=False)
+        with training_autocast(settings, "cpu"):
+            assert linear(x).dtype == expected
+    with pytest.raises(TypeError, match="TrainingSettings"):
+        training_autocast("fp16", "cpu")

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import workload
+from helpers import environment, workload
 from helpers.environment import Hardware, detect_hardware, hub_offline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,9 @@ def choose_profile(requested: str | None = None, hardware: Hardware | None = Non
     print(f"Profile: {profile.name} - {profile.description}")
     print(f"  why: {reason}")
     print(f"  hardware: {hardware.describe()}")
+    if hardware.rehearsal and environment.emulate_gpu_float16_products():
+        print("  float16 matrix products: float32 accumulation rounded to float16, as on the GPU "
+              "(this CPU's own float16 GEMM is about 100x slower)")
     print(f"  override: set PROFILE in the cell above or {PROFILE_ENV_VAR}; choices: {', '.join(PROFILES)}")
     work = workload.current()  # a wrong COURSE_WORKLOAD stops here, with the choices
     if work.reduced:  # the full lesson prints nothing here

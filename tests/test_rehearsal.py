@@ -124,3 +124,22 @@ def test_claim_counts_tell_laws_from_observations(tmp_path):
 def test_an_adapter_shape_that_is_not_lora_is_refused(bad):
     with pytest.raises(ValueError, match="not a LoRA adapter shape"):
         rehearsal.AdapterShape(**bad)
+
+
+def test_float16_products_are_float32_accumulations_rounded_once_even_in_the_backward():
+    from helpers.environment import gpu_float16_products
+
+    a, b = environment.portable_randn(5, 64, seed=1).half(), environment.portable_randn(64, 3, seed=2).half()
+    bias = environment.portable_randn(3, seed=3).half()
+    expected = (a.float() @ b.float()).half()
+    with gpu_float16_products():
+        assert torch.equal(a @ b, expected)
+        assert torch.equal(torch.addmm(bias, a, b), (bias.float() + a.float() @ b.float()).half())
+        assert torch.equal(torch.bmm(a[None], b[None])[0], expected)
+        weight = torch.nn.Parameter(b.t().contiguous())
+        x = a.clone().requires_grad_()
+        torch.nn.functional.linear(x, weight).sum().backward()
+        assert x.grad.dtype == torch.float16
+        assert torch.equal(x.grad, (torch.ones(5, 3) @ weight.detach().float()).half())
+        float32 = environment.portable_randn(4, 4, seed=4)
+        assert torch.equal(float32 @ float32, torch.mm(float32, float32))  # other dtypes untouched

@@ -529,7 +529,21 @@ def plan_notebook(notebook: str, config, on_gpu: bool, limits: MemoryLimits,
              + (dense_copy_bytes(config, compute[scheme]) if scheme in FOUR_BIT_SCHEMES else 0)
              for scheme in NOTEBOOK_SCHEMES[notebook]}
     largest = max(peaks, key=peaks.get)
-    return _plan(notebook, largest, peaks[largest], checkpoint, on_gpu, limits)
+    return _plan(notebook, largest, peaks[largest], checkpoint, on_gpu, limits, notebook_cpu_extra_bytes(notebook, config))
+
+
+CPU_BACKUP_NOTEBOOKS = ("07_beyond_bitsandbytes",)
+"""Notebooks that keep a CPU copy of every decoder-layer parameter while they work (07 undoes each method with it)."""
+
+
+def notebook_cpu_extra_bytes(notebook: str, config) -> int:
+    """CPU memory a notebook holds beside its model: 07's backup of the decoder layers, in bfloat16 as read from a
+    bfloat16 checkpoint (``helpers.groupwise.backup_decoder_weights``), for as long as it runs; 0 for the others."""
+    if notebook not in CPU_BACKUP_NOTEBOOKS:
+        return 0
+    hidden = _config_get(config, "hidden_size")
+    per_layer = sum(rows * columns for rows, columns in linear_shapes(config).values()) + 2 * hidden  # + two norms
+    return _config_get(config, "num_hidden_layers") * per_layer * torch.bfloat16.itemsize
 
 
 def dense_copy_bytes(config, compute_dtype: torch.dtype) -> int:
@@ -546,10 +560,11 @@ def _load_peak(config, scheme: str, dtype: torch.dtype, training: bool) -> int:
     return estimate.true + activation_bytes(config, dtype, training)
 
 
-def _plan(label: str, scheme: str, peak: int, checkpoint: int, on_gpu: bool, limits: MemoryLimits) -> MemoryPlan:
+def _plan(label: str, scheme: str, peak: int, checkpoint: int, on_gpu: bool, limits: MemoryLimits,
+          cpu_extra: int = 0) -> MemoryPlan:
     if on_gpu:
-        return MemoryPlan(label, scheme, peak + CUDA_CONTEXT_BYTES, min(checkpoint, MAX_SHARD_BYTES), limits)
-    return MemoryPlan(label, scheme, None, peak + checkpoint, limits)
+        return MemoryPlan(label, scheme, peak + CUDA_CONTEXT_BYTES, min(checkpoint, MAX_SHARD_BYTES) + cpu_extra, limits)
+    return MemoryPlan(label, scheme, None, peak + checkpoint + cpu_extra, limits)
 
 
 def plan_optional_load(label: str, config, scheme: str, on_gpu: bool, limits: MemoryLimits,

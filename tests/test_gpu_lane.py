@@ -154,6 +154,23 @@ def test_the_training_plan_counts_the_float32_upcast_of_prepare_model_for_kbit_t
                              + memory.dense_copy_bytes(config, torch.bfloat16) + memory.CUDA_CONTEXT_BYTES)
 
 
+def test_07s_plan_counts_its_cpu_backup_of_the_decoder_layers_which_equals_the_real_backup():
+    from helpers import groupwise
+
+    config = memory.load_reference_config(profiles.PROFILES["llama-3.2-3b"].reference_config)
+    plan = memory.plan_notebook("07_beyond_bitsandbytes", config, True, memory.T4_LIMITS)
+    backup = memory.notebook_cpu_extra_bytes("07_beyond_bitsandbytes", config)
+    counts = memory.parameter_counts_from_config(config)
+    decoder = sum(counts.values()) - counts["embeddings"] - counts["lm_head"] - config.hidden_size  # final norm
+    assert backup == 2 * decoder and round(backup / 1e9, 2) == 5.64  # more than the 5 GB shard the plan held before
+    assert plan.cpu_peak == memory.MAX_SHARD_BYTES + backup and plan.fits  # 10.64 GB of a Colab session's 12 GB
+    assert memory.notebook_cpu_extra_bytes("03_nf4", config) == 0
+    # the estimate is the real backup's size, to the byte, on a model with a bfloat16 checkpoint
+    model, _ = models.load_model(profiles.PROFILES["tiny"], "fp32")
+    real = sum(t.nelement() * t.element_size() for t in groupwise.backup_decoder_weights(model).values())
+    assert real == memory.notebook_cpu_extra_bytes("07_beyond_bitsandbytes", model.config)
+
+
 def test_a_4bit_plan_holds_the_largest_layer_rebuilt_in_its_compute_dtype():
     config = memory.load_reference_config(profiles.PROFILES["llama-3.1-8b"].reference_config)
     assert memory.dense_copy_bytes(config, torch.bfloat16) == 14336 * 4096 * 2  # gate_proj, notebook 03 section 7

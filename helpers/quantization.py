@@ -376,6 +376,90 @@ def double_quantize_absmax(absmax: torch.Tensor, blocksize: int = 256) -> Double
     return DoubleQuantizedAbsmax(codes.reshape(-1)[:count], scales, offset)
 
 
+def dynamic_codes_by_binary_search(normalized: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The 8-bit codes bitsandbytes' CUDA kernel picks for values already scaled to [-1, 1] (``dQuantize<0>``).
+
+    The kernel does not look for the nearest of the 256 sorted map values: it starts at index 127, takes seven
+    halving steps (64, 32, ..., 1) to the left or right of ``x > map[pivot]``, remembers the last map values seen
+    on each side, and then rounds to whichever side of the midpoint between ``map[pivot]`` and that neighbour ``x``
+    falls (the ends of the map stand in for a side never visited). Every step is a float32 comparison, so this is
+    exact for given inputs; the CPU uses a 65,536-point lookup table instead, which can pick another neighbour.
+    """
+    if not isinstance(code, torch.Tensor) or code.shape != (256,) or code.dtype != torch.float32:
+        raise ValueError(f"code must be the 256 float32 values of the dynamic map, got {getattr(code, 'shape', code)}")
+    if not isinstance(normalized, torch.Tensor) or normalized.dtype != torch.float32:
+        raise ValueError("normalized must be a float32 tensor of values scaled by their block's absmax")
+    x = normalized.reshape(-1)
+    code = code.to(x.device)
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
+    lower, upper = torch.full_like(x, -1.0), torch.full_like(x, 1.0)
+    value = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        right = x > value
+        lower_pivot, lower = torch.where(right, pivot, lower_pivot), torch.where(right, value, lower)
+        upper_pivot, upper = torch.where(right, upper_pivot, pivot), torch.where(right, upper, value)
+        pivot = torch.where(right, pivot + step, pivot - step)
+        value = code[pivot]
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    right = x > value
+    chosen = torch.where(right, torch.where(x > (upper + value) * 0.5, upper_pivot, pivot),
+                         torch.where(x < (lower + value) * 0.5, lower_pivot, pivot))
+    return chosen.to(torch.uint8).reshape(normalized.shape)
+
+
+CUDA_RECIPROCAL_ULPS = 1
+"""bitsandbytes is built with ``--use_fast_math``: the kernel's ``1.0f / absmax`` becomes PTX ``rcp.approx.f32``,
+whose maximum error NVIDIA's PTX ISA gives as 1 ulp. The scaled value ``x * (1 / absmax)`` then differs from the
+correctly rounded one by at most that ulp plus its own rounding: ``CUDA_SCALED_VALUE_ULPS``."""
+CUDA_SCALED_VALUE_ULPS = CUDA_RECIPROCAL_ULPS + 1
+
+
+def cuda_ambiguous_absmax_codes(absmax: torch.Tensor, blocksize: int = 256,
+                                offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Where the CUDA kernel's double-quantization code of each absmax is not determined by exact arithmetic: the
+    positions whose scaled value is within ``CUDA_SCALED_VALUE_ULPS`` float32 ulps of a decision boundary of the
+    binary search, so that the approximate reciprocal may tip it one step either way (a bool per absmax).
+    ``offset``: the mean the kernel subtracted (``quant_state.offset``; by default computed here)."""
+    centred, scales = _centred_absmax_blocks(absmax, blocksize, offset)
+    code = _dynamic_map_and_lookup()[0]
+    normalized = centred * (1.0 / torch.where(scales == 0, torch.ones_like(scales), scales)).unsqueeze(1)
+    slack = CUDA_SCALED_VALUE_ULPS * 2.0 ** -23  # relative: one float32 ulp is at most 2^-23 of the value
+    below, above = normalized * (1 - slack), normalized * (1 + slack)
+    low, high = (dynamic_codes_by_binary_search(v.contiguous(), code) for v in (torch.minimum(below, above),
+                                                                                torch.maximum(below, above)))
+    return (low != high).reshape(-1)[: absmax.numel()]
+
+
+def _centred_absmax_blocks(absmax: torch.Tensor, blocksize: int,
+                           offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The absmax less its mean (or ``offset``), zero-padded into rows of ``blocksize``, and each row's absolute
+    maximum."""
+    _check_blocksize(blocksize, SUPPORTED_NESTED_BLOCKSIZES, "double quantization")
+    centred = absmax - (absmax.mean() if offset is None else torch.as_tensor(offset, dtype=torch.float32).reshape(()))
+    blocks = _number_of_blocks(centred.numel(), blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32)
+    padded[: centred.numel()] = centred
+    padded = padded.view(blocks, blocksize)
+    return padded, padded.abs().amax(dim=1)
+
+
+def cuda_double_quantize_absmax(absmax: torch.Tensor, blocksize: int = 256,
+                                offset: torch.Tensor | None = None) -> DoubleQuantizedAbsmax:
+    """``double_quantize_absmax`` as bitsandbytes' CUDA kernel computes it: the same centring and block scales, the
+    codes by its binary search (``dynamic_codes_by_binary_search``) with an exact reciprocal, so that the stored
+    codes equal these except where ``cuda_ambiguous_absmax_codes`` says the fast reciprocal may tip them.
+    ``offset``: the mean the kernel subtracted (``quant_state.offset``: a GPU sums in another order, so pass it to
+    emulate the codes of a stored state); by default computed here."""
+    double_quantize_absmax(absmax, blocksize)  # validates the input as the CPU path does
+    padded, scales = _centred_absmax_blocks(absmax, blocksize, offset)
+    normalized = padded * (1.0 / torch.where(scales == 0, torch.ones_like(scales), scales)).unsqueeze(1)
+    codes = dynamic_codes_by_binary_search(normalized.contiguous(), _dynamic_map_and_lookup()[0])
+    used_offset = absmax.mean() if offset is None else torch.as_tensor(offset, dtype=torch.float32).reshape(())
+    return DoubleQuantizedAbsmax(codes.reshape(-1)[: absmax.numel()], scales, used_offset)
+
+
 def dequantize_absmax(
     codes: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | float, blocksize: int = 256
 ) -> torch.Tensor:
@@ -642,8 +726,9 @@ CUDA_CODE_TOLERANCES: dict[str, tuple[float, str]] = {
     "nf4": (1e-5, "bitsandbytes' CUDA kernel scales each value by a fast approximate reciprocal of its block's "
                   "absmax before comparing it with the exact float32 midpoints, so a value on a midpoint may rarely "
                   "go the other way"),
-    "absmax-8bit": (2e-3, "on CUDA the 8-bit codes of the double-quantized scales come from a binary search over the "
-                          "dynamic map, on the CPU from a lookup table; about 0.1% of codes differ by one step"),
+    "absmax-8bit": (0.0, "on CUDA the 8-bit codes of the double-quantized scales come from a binary search over the "
+                         "dynamic map (cuda_double_quantize_absmax emulates it exactly), on the CPU from a lookup "
+                         "table; only a value the fast reciprocal may tip can differ (cuda_ambiguous_absmax_codes)"),
 }
 """Per kind of code: the share of codes that may differ (each by one step) on a CUDA device, and why. On the CPU
 bitsandbytes computes exactly what ``helpers.quantization`` computes, so no difference is allowed there."""
@@ -659,6 +744,8 @@ class CodeComparison:
     n_different: int
     max_step: int
     allowed_share: float
+    n_ambiguous: int | None = None  # with an exact emulation: codes the hardware's approximation may tip
+    n_different_elsewhere: int = 0  # differences outside those positions (none allowed)
 
     @property
     def exact(self) -> bool:
@@ -666,15 +753,22 @@ class CodeComparison:
 
     @property
     def within_tolerance(self) -> bool:
-        """Exact on the CPU; on CUDA at most ``allowed_share`` of the codes differ, each by at most one step."""
+        """Exact on the CPU; on CUDA, against an exact emulation, differences only at ambiguous positions (one step
+        each); otherwise at most ``allowed_share`` of the codes differ, each by at most one step."""
+        if self.n_ambiguous is not None:
+            return self.exact or (self.max_step <= 1 and self.n_different_elsewhere == 0)
         return self.exact or (self.max_step <= 1 and self.n_different <= self.allowed_share * self.n_codes)
 
     def describe(self) -> str:
+        if self.n_ambiguous is not None:
+            return (f"{self.n_different:,} of {self.n_codes:,} codes differ, {self.n_different_elsewhere:,} of them "
+                    f"outside the {self.n_ambiguous:,} a fast reciprocal may tip ({self.device_type}, exact emulation)")
         rule = "exactly" if self.allowed_share == 0 else f"up to {self.allowed_share:.0e} of codes one step away"
         return f"{self.n_different:,} of {self.n_codes:,} codes differ ({self.device_type}: {rule})"
 
 
-def compare_codes(ours: torch.Tensor, theirs: torch.Tensor, kind: str, device_type: str) -> CodeComparison:
+def compare_codes(ours: torch.Tensor, theirs: torch.Tensor, kind: str, device_type: str,
+                  ambiguous: torch.Tensor | None = None) -> CodeComparison:
     """Compare integer codes (int8 weights, NF4 indices, 8-bit scale codes) element by element.
 
     ``device_type`` is where bitsandbytes computed ``theirs`` ("cpu" or "cuda"): it decides the tolerance
@@ -691,6 +785,14 @@ def compare_codes(ours: torch.Tensor, theirs: torch.Tensor, kind: str, device_ty
     if ours.shape != theirs.shape:
         raise ValueError(f"compare_codes needs equal shapes, got {tuple(ours.shape)} and {tuple(theirs.shape)}.")
     steps = (ours.cpu().long() - theirs.cpu().long()).abs()
+    if ambiguous is not None:  # an exact emulation: only where the hardware's approximation may tip a code
+        if ambiguous.shape != ours.shape or ambiguous.dtype != torch.bool:
+            raise ValueError("ambiguous must be a bool tensor of the codes' shape")
+        if device_type != "cuda":
+            raise ValueError("ambiguous positions apply to a CUDA kernel's codes only; the CPU's are exact")
+        outside = int(((steps > 0) & ~ambiguous.cpu()).sum())
+        return CodeComparison(kind, device_type, ours.numel(), int((steps > 0).sum()),
+                              int(steps.max()) if steps.numel() else 0, 0.0, int(ambiguous.sum()), outside)
     allowed = CUDA_CODE_TOLERANCES[kind][0] if device_type == "cuda" else 0.0
     return CodeComparison(kind, device_type, ours.numel(), int((steps > 0).sum()),
                           int(steps.max()) if steps.numel() else 0, allowed)

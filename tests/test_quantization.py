@@ -16,6 +16,7 @@ import bitsandbytes.functional as F  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from helpers import environment  # noqa: E402
 from helpers import quantization as Q  # noqa: E402
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -507,9 +508,12 @@ def test_compare_codes_allows_the_documented_cuda_share_one_step_away():
     assert not Q.compare_codes(ours, two_steps, "int8", "cuda").within_tolerance
     scales = torch.zeros(1000, dtype=torch.uint8)
     scales_off = scales.clone()
-    scales_off[:2] = 1  # 0.2%: the double-quantization tolerance
-    assert Q.compare_codes(scales, scales_off, "absmax-8bit", "cuda").within_tolerance
+    scales_off[:2] = 1  # 0.2%: no share is allowed for double quantization, which is emulated exactly
+    assert not Q.compare_codes(scales, scales_off, "absmax-8bit", "cuda").within_tolerance
     assert not Q.compare_codes(scales, scales_off, "nf4", "cuda").within_tolerance
+    tippable = torch.zeros(1000, dtype=torch.bool)
+    tippable[:2] = True
+    assert Q.compare_codes(scales, scales_off, "absmax-8bit", "cuda", ambiguous=tippable).within_tolerance
 
 
 @pytest.mark.parametrize("call,error,message", [
@@ -597,3 +601,63 @@ def test_int8_probe_operands_and_kernel_names_refuse_bad_input():
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         Q.int8_matmul_kernel("tpu")
     assert "CUDA" in Q.int8_matmul_kernel("cuda")
+
+
+def _one_search_in_plain_python(x: float, code: list[float]) -> int:
+    """bitsandbytes' dQuantize<0> written out for one value, step by step, with float32 rounding of the midpoints."""
+    import numpy as np
+
+    f32 = np.float32
+    x, pivot, lower_pivot, upper_pivot, lower, upper = f32(x), 127, 0, 255, f32(-1.0), f32(1.0)
+    value = f32(code[pivot])
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        if x > value:
+            lower_pivot, lower, pivot = pivot, value, pivot + step
+        else:
+            upper_pivot, upper, pivot = pivot, value, pivot - step
+        value = f32(code[pivot])
+    upper = f32(code[255]) if upper_pivot == 255 else upper
+    lower = f32(code[0]) if lower_pivot == 0 else lower
+    if x > value:
+        return upper_pivot if x > (upper + value) * f32(0.5) else pivot
+    return lower_pivot if x < (lower + value) * f32(0.5) else pivot
+
+
+def test_the_cuda_binary_search_emulation_matches_the_kernel_step_by_step_and_finds_every_map_value():
+    from helpers.quantization import _dynamic_map_and_lookup, dynamic_codes_by_binary_search
+
+    code = _dynamic_map_and_lookup()[0]
+    values = torch.cat([environment.portable_randn(2000, seed=5).clamp(-1, 1), code, torch.tensor([-1.0, 0.0, 1.0])])
+    ours = dynamic_codes_by_binary_search(values, code)
+    assert ours.tolist() == [_one_search_in_plain_python(v, code.tolist()) for v in values.tolist()]
+    found = dynamic_codes_by_binary_search(code, code)
+    assert torch.equal(code[found.long()], code)  # every map value maps to itself (the map has one zero twice)
+    nearest = (values[:, None] - code[None, :]).abs().argmin(dim=1)
+    assert torch.equal(code[ours.long()], code[nearest])  # the search ends at a nearest map value
+    with pytest.raises(ValueError, match="256 float32 values"):
+        dynamic_codes_by_binary_search(values, code[:255])
+
+
+def test_cuda_double_quantization_differs_from_the_cpus_and_only_tipping_points_are_ambiguous():
+    from helpers.quantization import (compare_codes, cuda_ambiguous_absmax_codes, cuda_double_quantize_absmax,
+                                      double_quantize_absmax)
+
+    absmax = environment.portable_randn(4096, seed=7).abs() + 0.01
+    cpu, cuda = double_quantize_absmax(absmax), cuda_double_quantize_absmax(absmax)
+    assert torch.equal(cpu.scales, cuda.scales) and torch.equal(cpu.offset, cuda.offset)
+    assert 0 < int((cpu.codes != cuda.codes).sum()) < 4096 // 20  # lookup table against binary search
+    ambiguous = cuda_ambiguous_absmax_codes(absmax)
+    assert ambiguous.dtype == torch.bool and int(ambiguous.sum()) < 4096 // 100
+    exact = compare_codes(cuda.codes, cuda.codes, "absmax-8bit", "cuda", ambiguous=ambiguous)
+    assert exact.within_tolerance and exact.exact and "exact emulation" in exact.describe()
+    tipped = cuda.codes.clone()
+    where = ambiguous.nonzero()[:1, 0] if ambiguous.any() else torch.tensor([], dtype=torch.long)
+    tipped[where] += 1
+    assert compare_codes(tipped, cuda.codes, "absmax-8bit", "cuda", ambiguous=ambiguous).within_tolerance
+    elsewhere = cuda.codes.clone()
+    elsewhere[(~ambiguous).nonzero()[0, 0]] += 1  # one code off where exact arithmetic decides it
+    assert not compare_codes(elsewhere, cuda.codes, "absmax-8bit", "cuda", ambiguous=ambiguous).within_tolerance
+    with pytest.raises(ValueError, match="CUDA kernel's codes only"):
+        compare_codes(cuda.codes, cuda.codes, "absmax-8bit", "cpu", ambiguous=ambiguous)
+    shifted = cuda_double_quantize_absmax(absmax, offset=cpu.offset + 1e-3)  # the stored offset is used as given
+    assert torch.equal(shifted.offset, cpu.offset + 1e-3)

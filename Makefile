@@ -54,7 +54,7 @@ portability: $(STAMP)
 # configs with random weights and fewer layers, Llama 3's tokenizer, decisions for a T4 / a 40 GB GPU) on this CPU,
 # every notebook under pytest --nbval-lax; executed copies and junit.xml in build/rehearsal/<profile>/.
 rehearse: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m helpers.rehearsal $(if $(PROFILE),--profile $(PROFILE))
+	HF_HUB_OFFLINE=1 $(PY) -m helpers.rehearsal $(if $(PROFILE),--profile $(PROFILE)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 rebuild-tiny-llama: $(STAMP)
 	$(PY) data/build/train_tiny_llama.py

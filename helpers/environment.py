@@ -85,47 +85,45 @@ def rehearsed_hardware(name: str) -> Hardware:
     return replace(choices[name.strip().lower()], rehearsal=True, cpu_bf16_native=cpu_has_native_bf16())
 
 
-FLOAT16_PRODUCTS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv")
-"""The ATen matrix products ``gpu_float16_products`` computes as a GPU does when their inputs are float16."""
-
-_GPU_FLOAT16_MODE = None
+_FLOAT16_PRODUCT_LIBRARY = None
 
 
-def gpu_float16_products():
-    """A dispatch mode in which a float16 matrix product on the CPU is computed as a GPU computes it: the float16
-    inputs multiplied with float32 accumulation, the result rounded once to float16.
+def emulate_gpu_float16_products() -> bool:
+    """From now on in this process, compute every float16 matrix product on the CPU as a GPU does: the float16
+    inputs multiplied with float32 accumulation, the result rounded once to float16. True the first time.
 
     The rehearsal needs it: a CPU without native float16 arithmetic runs PyTorch's float16 GEMM about 100 times
     slower than float32 (0.8 against 83 GFLOP/s measured on one core of an AMD EPYC), which a T4's float16 decisions
     would make the lane's bottleneck. A T4's tensor cores accumulate float16 products in float32, so this is also
-    closer to the GPU than the CPU's own kernel. It applies below autograd, to backward products too. Use it as a
-    context manager (``with gpu_float16_products(): ...``).
+    closer to the GPU than the CPU's own kernel.
+
+    It replaces the CPU kernels of ``aten::mm`` and ``aten::bmm`` (what ``nn.Linear`` without bias, ``@`` and
+    ``matmul`` reach, in forward and backward passes, from Python or C++) with ones that call ``addmm`` /
+    ``baddbmm`` with ``beta=0``: the same BLAS product for other dtypes, float32 inputs for float16 ones. Only the
+    product kernels pay a Python call; a mode that saw every operator cost 5 times on a loop of small ones.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    products = {getattr(torch.ops.aten, name).default for name in FLOAT16_PRODUCTS}
-
-    def half_on_cpu(value) -> bool:
-        return isinstance(value, torch.Tensor) and value.dtype == torch.float16 and value.device.type == "cpu"
-
-    class GpuFloat16Products(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in products and any(map(half_on_cpu, args)):
-                wide = [value.float() if half_on_cpu(value) else value for value in args]
-                return func(*wide, **kwargs).half()
-            return func(*args, **kwargs)
-
-    return GpuFloat16Products()
-
-
-def emulate_gpu_float16_products() -> bool:
-    """Turn ``gpu_float16_products`` on for the rest of this process (the rehearsal's kernels); True the first time."""
-    global _GPU_FLOAT16_MODE
-    if _GPU_FLOAT16_MODE is not None:
+    global _FLOAT16_PRODUCT_LIBRARY
+    if _FLOAT16_PRODUCT_LIBRARY is not None:
         return False
-    _GPU_FLOAT16_MODE = gpu_float16_products()
-    _GPU_FLOAT16_MODE.__enter__()
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dtype == torch.float16:
+            return torch.addmm(a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32), a.float(), b.float(),
+                               beta=0).half()
+        return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0)
+
+    def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        shape = (a.shape[0], a.shape[1], b.shape[2])
+        if a.dtype == torch.float16:
+            return torch.baddbmm(a.new_empty(shape, dtype=torch.float32), a.float(), b.float(), beta=0).half()
+        return torch.baddbmm(a.new_empty(shape), a, b, beta=0)
+
+    library = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore")
+        library.impl("mm", mm, "CPU")
+        library.impl("bmm", bmm, "CPU")
+    _FLOAT16_PRODUCT_LIBRARY = library
     return True
 
 

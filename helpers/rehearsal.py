@@ -128,10 +128,19 @@ def rehearsal_config(profile_name: str, layers: int = REHEARSAL_LAYERS) -> dict:
     return {**config, "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
 
 
+def snapshot_commit(repo_id: str, files_digest: str) -> str:
+    """The commit hash a rehearsal snapshot of ``repo_id`` gets: a digest of what was built into it."""
+    return hashlib.sha1(f"{repo_id}:{files_digest}".encode()).hexdigest()
+
+
+def adapter_digest(shape: AdapterShape, seed: int = 1) -> str:
+    return json.dumps(asdict(shape), sort_keys=True) + f":{seed}"
+
+
 def snapshot_folder(cache: Path, repo_id: str, files_digest: str) -> Path:
     """``<cache>/models--org--name/snapshots/<commit>``, with ``refs/main`` naming that commit: the Hub's layout."""
     repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(f"{repo_id}:{files_digest}".encode()).hexdigest()
+    commit = snapshot_commit(repo_id, files_digest)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     folder = repo / "snapshots" / commit
@@ -180,7 +189,7 @@ def build_adapter_snapshot(cache: Path, profile_name: str, model, shape: Adapter
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:  # a trained adapter's B is not zero; peft starts it at zero
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
-    folder = snapshot_folder(cache, profile.adapter_id, json.dumps(asdict(shape), sort_keys=True) + f":{seed}")
+    folder = snapshot_folder(cache, profile.adapter_id, adapter_digest(shape, seed))
     peft_model.save_pretrained(folder)
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = profile.model_id
@@ -261,8 +270,10 @@ def claim_counts(notebook_path: Path) -> tuple[int, int]:
             sum(line.startswith(f"{NOT_CHECKED_MARK} not checked:") for line in lines))
 
 
-def rehearse(profile_names: list[str], notebooks: list[Path], work: Path = WORK_DIR, rebuild: bool = False) -> int:
-    """Build the cache (unless there), rehearse each profile, print one summary; 1 when a notebook failed."""
+def rehearse(profile_names: list[str], notebooks: list[Path], work: Path = WORK_DIR, rebuild: bool = False,
+             shape: AdapterShape = HUB_ADAPTER_SHAPE) -> int:
+    """Build the cache (unless there, with this adapter shape), rehearse each profile, print one summary; 1 when a
+    notebook failed."""
     import os
     import subprocess
     import time
@@ -277,12 +288,16 @@ def rehearse(profile_names: list[str], notebooks: list[Path], work: Path = WORK_
     for name in profile_names:
         profile = profiles.get_profile(name)
         marker = cache / f"models--{profile.model_id.replace('/', '--')}" / "refs" / "main"
-        if rebuild or not marker.is_file():
+        adapter_ref = cache / f"models--{profile.adapter_id.replace('/', '--')}" / "refs" / "main"
+        same_shape = adapter_ref.is_file() and adapter_ref.read_text() == snapshot_commit(profile.adapter_id,
+                                                                                          adapter_digest(shape))
+        if rebuild or not marker.is_file() or not same_shape:
             start = time.monotonic()
-            build_cache(cache, (name,))
+            build_cache(cache, (name,), shape=shape)
             real_layers = json.loads(profile.reference_config.read_text())["num_hidden_layers"]
             print(f"built {name}: {REHEARSAL_LAYERS} of its {real_layers} decoder layers (a reduction), full width and "
-                  f"vocabulary, random bfloat16 weights, Llama 3's tokenizer, in {time.monotonic() - start:.0f} s",
+                  f"vocabulary, random bfloat16 weights, Llama 3's tokenizer, an adapter with {shape}, in "
+                  f"{time.monotonic() - start:.0f} s",
                   flush=True)
         output_dir = work / name
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -314,12 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="append", choices=REHEARSED_PROFILES,
                         help="a profile to rehearse (repeatable; default: both)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the local Hub cache")
+    parser.add_argument("--adapter", choices=("hub", "other"), default="hub",
+                        help="the adapters' shape: what the course knows of the Hub's (r=32, alpha=64, q/k/v/o; "
+                             "default) or another (r=16, alpha=16, every linear layer)")
     args = parser.parse_args(argv)
     chosen = [NOTEBOOK_DIR / name for name in args.notebooks] if args.notebooks else course_notebooks()
     missing = [str(path) for path in chosen if not path.is_file()]
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
-    return rehearse(args.profile or list(REHEARSED_PROFILES), chosen, rebuild=args.rebuild)
+    shape = HUB_ADAPTER_SHAPE if args.adapter == "hub" else OTHER_ADAPTER_SHAPE
+    return rehearse(args.profile or list(REHEARSED_PROFILES), chosen, rebuild=args.rebuild, shape=shape)
 
 
 if __name__ == "__main__":

@@ -127,19 +127,37 @@ def test_an_adapter_shape_that_is_not_lora_is_refused(bad):
 
 
 def test_float16_products_are_float32_accumulations_rounded_once_even_in_the_backward():
-    from helpers.environment import gpu_float16_products
+    import subprocess
+    import sys
 
-    a, b = environment.portable_randn(5, 64, seed=1).half(), environment.portable_randn(64, 3, seed=2).half()
-    bias = environment.portable_randn(3, seed=3).half()
-    expected = (a.float() @ b.float()).half()
-    with gpu_float16_products():
-        assert torch.equal(a @ b, expected)
-        assert torch.equal(torch.addmm(bias, a, b), (bias.float() + a.float() @ b.float()).half())
-        assert torch.equal(torch.bmm(a[None], b[None])[0], expected)
-        weight = torch.nn.Parameter(b.t().contiguous())
-        x = a.clone().requires_grad_()
-        torch.nn.functional.linear(x, weight).sum().backward()
-        assert x.grad.dtype == torch.float16
-        assert torch.equal(x.grad, (torch.ones(5, 3) @ weight.detach().float()).half())
-        float32 = environment.portable_randn(4, 4, seed=4)
-        assert torch.equal(float32 @ float32, torch.mm(float32, float32))  # other dtypes untouched
+    # the emulation replaces two CPU kernels for the rest of a process: run it in its own
+    script = """
+import torch
+from helpers import environment
+a, b = environment.portable_randn(5, 64, seed=1).half(), environment.portable_randn(64, 3, seed=2).half()
+native = a @ b
+assert environment.emulate_gpu_float16_products() and not environment.emulate_gpu_float16_products()
+expected = (a.float().double() @ b.float().double()).float().half()  # float32 accumulation, then one rounding
+wide = (a.float() @ b.float()).half()
+assert torch.equal(a @ b, wide) and torch.equal(torch.bmm(a[None], b[None])[0], wide)
+assert (wide.float() - expected.float()).abs().max() <= 2 ** -10 * expected.float().abs().max()
+weight = torch.nn.Parameter(b.t().contiguous())
+x = a.clone().requires_grad_()
+torch.nn.functional.linear(x, weight).sum().backward()
+assert x.grad.dtype == torch.float16 and torch.equal(x.grad, (torch.ones(5, 3) @ weight.detach().float()).half())
+class ProductInBackward(torch.autograd.Function):  # as bitsandbytes' 4-bit matmul: a product in Python code
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.matmul(grad, b @ b.t())
+seen = a.clone().requires_grad_()
+ProductInBackward.apply(seen).sum().backward()
+assert torch.equal(seen.grad, (torch.ones(5, 64) @ (b.float() @ b.float().t()).half().float()).half())
+f32 = environment.portable_randn(4, 6, seed=4)
+assert torch.equal(f32 @ f32.t(), torch.addmm(torch.zeros(4, 4), f32, f32.t(), beta=0))  # other dtypes: same BLAS call
+print("ok", torch.equal(native, wide))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-2000:]

@@ -206,7 +206,8 @@ def llm_int8_decomposition(feature_max_before, feature_max_after, threshold: flo
     for x, y, symbol in ((2.5, 2.4, "@"), (2.5, 0.8, "@"), (1.1, 1.6, "+"), (4.85, 1.5, "=")):
         right.text(x, y, symbol, ha="center", va="center", fontsize=13)
     right.text(4.5, 2.4, "int8 x int8:\nexact integer sums,\nthen rescaled", fontsize=7.5, va="center")
-    right.text(4.5, 0.45, f"in {float_dtype}, with W's\ncolumns dequantized", fontsize=7.5, va="center", color="#c44e52")
+    right.text(4.5, 0.45, f"in {float_dtype}, with W's\ncolumns dequantized", fontsize=7.5, va="center",
+               color="#c44e52")
     right.set_xlim(-0.1, 7.0)
     right.set_ylim(0, 3.1)
     right.axis("off")

@@ -83,7 +83,8 @@ def test_a_planted_feature_changes_no_bit_of_the_logits_and_is_undone_exactly():
     channel, factor = outliers.choose_planting(plain_x)
     assert factor > 1
     with outliers.planted_feature(layer.input_layernorm, linears, channel, factor):
-        assert layer.input_layernorm.weight[channel] == factor * before["model.layers.0.input_layernorm.weight"][channel]
+        norm_weight = before["model.layers.0.input_layernorm.weight"]
+        assert layer.input_layernorm.weight[channel] == factor * norm_weight[channel]
         planted_x, planted_logits = outliers.input_and_logits(model, linears[0], ids)
     assert torch.equal(planted_logits, plain_logits)
     assert torch.equal(planted_x[:, channel], factor * plain_x[:, channel])

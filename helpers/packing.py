@@ -391,7 +391,7 @@ def pack_weights_loop(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackingBenchmark:
-    """Best-of-repeats timings of one machine, and the ratios the performance targets are stated in."""
+    """Best-of-repeats timings of one machine, and the ratios the notebook prints (measurements, not targets)."""
 
     bits: int
     value_count: int

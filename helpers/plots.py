@@ -158,3 +158,60 @@ def per_layer_errors(errors: dict[str, list[float]], difference: tuple[str, str]
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     plt.show()
+
+
+def llm_int8_decomposition(feature_max_before, feature_max_after, threshold: float, float_columns: list[int],
+                           tokens: int, out_features: int, float_dtype: str, title: str):
+    """LLM.int8's mixed-precision decomposition of one layer's input, in two panels.
+
+    Left: each input feature's largest |x| before and after a feature was planted, with the threshold as a line.
+    Right: the product ``X @ W.T`` split by feature: the ``float_columns`` of X (and the matching rows of W.T)
+    multiplied in ``float_dtype``, every other column in int8; the two results are added. Shapes are printed on
+    the blocks (not drawn to scale).
+    """
+    from matplotlib.patches import Rectangle
+
+    before, after = [float(v) for v in feature_max_before], [float(v) for v in feature_max_after]
+    if not before or len(before) != len(after):
+        raise ValueError("feature_max_before and feature_max_after need one value per feature, the same number")
+    features = len(after)
+    if not float_columns or any(not 0 <= c < features for c in float_columns):
+        raise ValueError(f"float_columns must name at least one of the {features} features")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.25]})
+    left.plot(range(features), before, color="#9aa9bd", linewidth=0.8, label="as trained")
+    left.plot(range(features), after, color="#4c72b0", linewidth=0.8, alpha=0.8, label="planted")
+    left.axhline(threshold, color="crimson", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    for column in float_columns:
+        left.annotate(f"feature {column}: {after[column]:.0f}", (column, after[column]), xytext=(6, -4),
+                      textcoords="offset points", fontsize=8, color="#c44e52")
+    left.set_xlabel("input feature")
+    left.set_ylabel("largest |x| over the tokens")
+    left.legend(frameon=False, fontsize=8, loc="center right")
+    left.spines[["top", "right"]].set_visible(False)
+    n = len(float_columns)
+    picked = f"{float_columns[0]}{', ...' if n > 1 else ''}"
+    blocks = [  # (x, y, width, height, colour, label inside, label beside)
+        (0.0, 1.8, 2.2, 1.2, "#4c72b0", f"X, other columns\n{tokens} x {features - n}", ""),
+        (2.8, 1.8, 1.6, 1.2, "#4c72b0", f"W.T, other rows\n{features - n} x {out_features}", ""),
+        (0.0, 0.2, 0.25, 1.2, "#c44e52", "", f"X[:, {picked}]\n{tokens} x {n}"),
+        (2.8, 0.9, 1.6, 0.25, "#c44e52", "", f"W.T[{picked}]\n{n} x {out_features}"),
+        (5.3, 0.9, 1.6, 1.2, "#55a868", f"Y\n{tokens} x {out_features}", ""),
+    ]
+    for x, y, width, height, colour, inside, beside in blocks:
+        right.add_patch(Rectangle((x, y), width, height, color=colour, alpha=0.8))
+        if inside:
+            right.text(x + width / 2, y + height / 2, inside, ha="center", va="center", fontsize=8, color="white")
+        else:
+            right.text(x + width + 0.1, y + height / 2, beside, ha="left", va="center", fontsize=8, color=colour)
+    for x, y, symbol in ((2.5, 2.4, "@"), (2.5, 0.8, "@"), (1.1, 1.6, "+"), (4.85, 1.5, "=")):
+        right.text(x, y, symbol, ha="center", va="center", fontsize=13)
+    right.text(4.5, 2.4, "int8 x int8:\nexact integer sums,\nthen rescaled", fontsize=7.5, va="center")
+    right.text(4.5, 0.45, f"in {float_dtype}, with W's\ncolumns dequantized", fontsize=7.5, va="center",
+               color="#c44e52")
+    right.set_xlim(-0.1, 7.0)
+    right.set_ylim(0, 3.1)
+    right.axis("off")
+    right.set_title("the decomposition (shapes, not to scale)", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    plt.show()

@@ -62,3 +62,20 @@ def test_bad_input_says_what_was_wrong():
         plots.per_layer_errors({"a": [0.1]}, difference=("a", "c"), title="t")
     with pytest.raises(ValueError, match="at least one"):
         plots.per_layer_errors({}, difference=("a", "b"), title="t")
+
+
+def test_llm_int8_decomposition_draws_the_features_and_the_split_with_its_shapes():
+    before = [1.0, 2.0, 1.5, 0.5]
+    after = [1.0, 2.0, 48.0, 0.5]
+    plots.llm_int8_decomposition(before, after, threshold=6.0, float_columns=[2], tokens=64, out_features=16,
+                                 float_dtype="float32", title="t")
+    left, right = last_figure().axes
+    assert [line.get_ydata()[2] for line in left.lines[:2]] == [1.5, 48.0]
+    assert left.texts[0].get_text() == "feature 2: 48"
+    labels = [text.get_text() for text in right.texts]
+    assert "X, other columns\n64 x 3" in labels and "W.T, other rows\n3 x 16" in labels
+    assert "X[:, 2]\n64 x 1" in labels and "W.T[2]\n1 x 16" in labels and "Y\n64 x 16" in labels
+    with pytest.raises(ValueError, match="at least one of the 4 features"):
+        plots.llm_int8_decomposition(before, after, 6.0, [], 64, 16, "float32", "t")
+    with pytest.raises(ValueError, match="the same number"):
+        plots.llm_int8_decomposition(before, after[:3], 6.0, [2], 64, 16, "float32", "t")

@@ -661,3 +661,26 @@ def test_cuda_double_quantization_differs_from_the_cpus_and_only_tipping_points_
         compare_codes(cuda.codes, cuda.codes, "absmax-8bit", "cpu", ambiguous=ambiguous)
     shifted = cuda_double_quantize_absmax(absmax, offset=cpu.offset + 1e-3)  # the stored offset is used as given
     assert torch.equal(shifted.offset, cpu.offset + 1e-3)
+
+
+def test_int8_codes_the_cuda_kernel_may_tip_are_exactly_the_near_ties_of_a_bfloat16_checkpoint():
+    from helpers.quantization import compare_codes, cuda_ambiguous_int8_codes, quantize_int8_rowwise
+
+    # a bfloat16 checkpoint cast to float16: values with 8 significant bits, so val * 127 / absmax often lands
+    # exactly on a half-integer when absmax is a power of two times 127's divisors
+    weight = environment.portable_randn(64, 256, seed=11).clamp(-1.9, 1.9).to(torch.bfloat16).to(torch.float16)
+    weight[:, 0] = 2.0  # every row's absmax 2: then val * 63.5 is an exact half-integer for many values
+    values, scales = quantize_int8_rowwise(weight)
+    exact = weight.float() * (127 / 2.0)
+    ties = (exact - exact.floor() == 0.5)
+    ambiguous = cuda_ambiguous_int8_codes(weight)
+    assert ties.sum() > 20 and bool(ambiguous[ties].all())  # every exact tie may go either way on CUDA
+    assert ambiguous.float().mean() < 0.1  # and little else: near-ties only
+    far = ~ambiguous
+    assert torch.equal(torch.round(exact * (1 + 3 * 2.0 ** -23))[far], values.float()[far])  # far from ties, stable
+    tipped = values.clone()
+    tipped[ties] += torch.where(values[ties] < 127, 1, -1).to(torch.int8)  # the kernel rounding the other way
+    assert compare_codes(tipped, values, "int8", "cuda", ambiguous=ambiguous).within_tolerance
+    assert not compare_codes(tipped, values, "int8", "cuda").within_tolerance  # the old share rule: too strict here
+    with pytest.raises(ValueError, match="2-D weight"):
+        cuda_ambiguous_int8_codes(weight[0])

@@ -363,10 +363,42 @@ from helpers import environment
 environment.print_versions()'''
 
 
-def setup_cell_source(url: str = REPOSITORY_URL, branch: str = REPOSITORY_BRANCH) -> str:
-    """The exact source of every notebook's first code cell, for this repository and branch."""
+_LESSON_SETUP_CELL = '''\
+# NBVAL_IGNORE_OUTPUT
+# (this cell prints package versions, which differ from machine to machine)
+import sys
+from pathlib import Path
+
+REPOSITORY_URL = "{url}"
+REPOSITORY_BRANCH = "{branch}"
+CLONE = Path(REPOSITORY_URL.rsplit("/", 1)[-1])
+if "google.colab" in sys.modules and not CLONE.is_dir():  # Colab: fetch the course code once per runtime
+    import subprocess
+    subprocess.run(["git", "clone", "--depth", "1", "--branch", REPOSITORY_BRANCH, REPOSITORY_URL], check=True)
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents, CLONE.resolve()] if (p / "helpers").is_dir())
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from helpers import environment  # this lesson needs torch, numpy and matplotlib only: nothing to install
+environment.print_lesson_versions()'''
+
+MODEL_FREE_NOTEBOOKS = ("00_quantization_basics.ipynb",)
+"""Notebooks that load no model and import no Hugging Face library. Their setup cell (``_LESSON_SETUP_CELL``) only
+fetches the course code on Colab, which already has everything they import, and prints one line of versions; they
+have no profile, no memory plan and no model to release, and ask Colab for no GPU."""
+
+
+def needs_model(notebook_name: str) -> bool:
+    """Whether a notebook loads a model (every notebook but those of ``MODEL_FREE_NOTEBOOKS``)."""
+    return notebook_name not in MODEL_FREE_NOTEBOOKS
+
+
+def setup_cell_source(url: str = REPOSITORY_URL, branch: str = REPOSITORY_BRANCH,
+                      notebook_name: str | None = None) -> str:
+    """The exact source of a notebook's first code cell, for this repository and branch: the installing one, or for
+    a notebook of ``MODEL_FREE_NOTEBOOKS`` the short one (None: the installing one, which most notebooks use)."""
     check_repository(url, branch)
-    return _SETUP_CELL.format(url=url, branch=branch)
+    template = _SETUP_CELL if notebook_name is None or needs_model(notebook_name) else _LESSON_SETUP_CELL
+    return template.format(url=url, branch=branch)
 
 
 if __name__ == "__main__":

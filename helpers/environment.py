@@ -200,6 +200,16 @@ def package_versions(packages: tuple[str, ...] = COURSE_PACKAGES) -> dict[str, s
     return versions
 
 
+LESSON_PACKAGES = ("torch", "numpy", "matplotlib")
+"""What a lesson without a model (notebook 00) computes and draws with."""
+
+
+def print_lesson_versions(packages: tuple[str, ...] = LESSON_PACKAGES) -> None:
+    """One line of versions for a lesson that loads no model: the packages its numbers and figures come from."""
+    versions = package_versions(packages)
+    print(", ".join(f"{name} {version.removesuffix(' (not imported yet)')}" for name, version in versions.items()))
+
+
 def print_versions() -> None:
     """Print package versions and the hardware: the first thing to compare when a result differs."""
     for name, version in package_versions().items():

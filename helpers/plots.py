@@ -215,3 +215,65 @@ def llm_int8_decomposition(feature_max_before, feature_max_after, threshold: flo
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     plt.show()
+
+
+def quantization_number_lines(rows: dict[str, tuple], title: str, xlabel: str):
+    """One number line per scheme: its quantization levels as ticks, the values as dots, each dot joined to the
+    level it rounds to. ``rows`` maps a label to ``(levels, values, rounded)``, 1-D sequences of floats (``values``
+    and ``rounded`` of equal length). Levels outside the values' range are drawn faded: codes the data never uses.
+    """
+    if not rows:
+        raise ValueError("quantization_number_lines needs at least one scheme, e.g. {'absmax': (levels, x, x_hat)}")
+    prepared = {}
+    for label, (levels, values, rounded) in rows.items():
+        levels, values, rounded = ([float(v) for v in seq] for seq in (levels, values, rounded))
+        if not levels or not values or len(values) != len(rounded):
+            raise ValueError(f"{label}: need levels, and one rounded value per value")
+        prepared[label] = (levels, values, rounded)
+    low = min(min(v) for _, v, _ in prepared.values())
+    high = max(max(v) for _, v, _ in prepared.values())
+    fig, axes = plt.subplots(len(prepared), 1, figsize=(8, 1.5 * len(prepared)), sharex=True, squeeze=False)
+    for ax, (label, (levels, values, rounded)) in zip(axes[:, 0], prepared.items()):
+        ax.axhline(0, color="#555555", linewidth=0.8)
+        for level in levels:
+            used = low - 1e-9 <= level <= high + 1e-9
+            ax.vlines(level, -0.35, 0.35, color="crimson" if used else "#e8a3a8", linewidth=2 if used else 1.2)
+        for value, target in zip(values, rounded):
+            ax.annotate("", xy=(target, 0.05), xytext=(value, 0.75),
+                        arrowprops={"arrowstyle": "->", "color": "#4c72b0", "linewidth": 0.8})
+        ax.plot(values, [0.75] * len(values), "o", color="#4c72b0", markersize=4)
+        ax.set_ylim(-0.6, 1.1)
+        ax.set_yticks([])
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.spines[["top", "right", "left"]].set_visible(False)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    plt.show()
+
+
+def error_heatmaps(panels: dict[str, object], title: str, colorbar_label: str, mark: tuple[int, int] | None = None):
+    """One heat map per panel (2-D arrays of the same shape, e.g. |W - W_hat|), on one shared colour scale, stacked
+    vertically, with one colour bar. ``mark`` circles one (row, column) in every panel (e.g. a planted outlier)."""
+    import numpy as np
+
+    if not panels:
+        raise ValueError("error_heatmaps needs at least one panel")
+    arrays = {label: np.asarray(values, dtype=np.float64) for label, values in panels.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every panel must be a 2-D array of one shape, got {sorted(shapes)}")
+    rows, columns = next(iter(shapes))
+    top = max(float(a.max()) for a in arrays.values()) or 1.0
+    fig, axes = plt.subplots(len(arrays), 1, figsize=(8, 1.1 + 1.45 * len(arrays)), squeeze=False,
+                             layout="constrained")
+    for ax, (label, values) in zip(axes[:, 0], arrays.items()):
+        image = ax.imshow(values, cmap="magma", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
+        if mark is not None:
+            ax.plot(mark[1], mark[0], "o", markersize=9, markerfacecolor="none", markeredgecolor="#3fbf3f")
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.set_ylabel("row")
+    axes[-1, 0].set_xlabel(f"column (of {columns})")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label=colorbar_label, shrink=0.9)
+    fig.suptitle(title, fontsize=11)
+    plt.show()

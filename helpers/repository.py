@@ -45,7 +45,7 @@ def rewrite_notebook(path: Path, url: str, branch: str) -> bool:
         raise ValueError(f"{path.name}: the first code cell is not the setup cell (no REPOSITORY_URL line)")
     before = [cell.source for cell in notebook.cells]
     notebook.cells[0].source = rewrite_badges(notebook.cells[0].source, url, branch)
-    setup.source = colab.setup_cell_source(url, branch)
+    setup.source = colab.setup_cell_source(url, branch, notebook_name=path.name)
     if [cell.source for cell in notebook.cells] == before:
         return False
     nbformat.write(notebook, path)

@@ -3,6 +3,9 @@
 - ``colab``: the setup cell's Colab install (standard library only) and the repository's address
 - ``repository``: ``make set-repository``, which points badges and setup cells at a fork
 - ``environment``: hardware, offline mode, seeding, quieting known noise, portable random numbers, versions
+- ``basics``: notebook 00's float formats bit by bit and linear quantization from scratch (absmax, zero point,
+  per tensor, channel or group)
+- ``exercises``: the notebooks' exercise checkers (right, or not yet with a hint); ``solutions``: worked solutions
 - ``profiles``: which model, adapter and dtypes a notebook uses, chosen from the hardware
 - ``models``: loading a profile's model in a given precision scheme
 - ``memory``: footprints (reported, true, estimated), meta-device models, snapshots, release

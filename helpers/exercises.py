@@ -228,8 +228,8 @@ GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 def _group_size_knob(answer: object) -> Verdict:
     size = _number(answer, "the group size")
     if size not in GROUP_SIZES:
-        return Verdict(NOT_YET, f"try the group sizes {', '.join(map(str, GROUP_SIZES))} (each divides the 256 "
-                                "columns).")
+        return Verdict(NOT_YET, f"try powers of two from {min(GROUP_SIZES)} up to {max(GROUP_SIZES)}: each "
+                                "divides the 256 columns.")
     size = int(size)
     error, target = outlier_experiment(size)
     if error > target:

@@ -246,6 +246,9 @@ def quantization_number_lines(rows: dict[str, tuple], title: str, xlabel: str):
         ax.set_yticks([])
         ax.set_title(label, fontsize=9, loc="left")
         ax.spines[["top", "right", "left"]].set_visible(False)
+    for ax in axes[:-1, 0]:
+        ax.spines["bottom"].set_visible(False)
+        ax.tick_params(axis="x", length=0)
     axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -143,6 +143,39 @@ def test_the_setup_cell_on_colab_clones_once_then_installs_nothing_here(monkeypa
     assert out.count("at the pinned versions: nothing installed") == 2 and "colab: True" in out
 
 
+def test_the_lesson_setup_cell_clones_and_installs_nothing(monkeypatch, tmp_path, capsys):
+    """A notebook that loads no model (00) only fetches the course code: Colab has torch, numpy and matplotlib."""
+    name = colab.MODEL_FREE_NOTEBOOKS[0]
+    source = colab.setup_cell_source(notebook_name=name)
+    assert source != colab.setup_cell_source() and "install_on_colab" not in source
+    assert source.splitlines()[:2] == ["# NBVAL_IGNORE_OUTPUT", "# (this cell prints package versions, which differ "
+                                       "from machine to machine)"]
+    clones, real_run = [], subprocess.run
+
+    def fake_clone(command, *args, **kwargs):
+        if command[:2] != ["git", "clone"]:
+            return real_run(command, *args, **kwargs)
+        clones.append(command)
+        clone = tmp_path / command[-1].rsplit("/", 1)[-1]
+        clone.mkdir()
+        (clone / "helpers").symlink_to(REPO_ROOT / "helpers")
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("the lesson's setup cell must not install anything")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "run", fake_clone)
+    monkeypatch.setattr(colab, "pip_install", no_pip)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
+    namespace: dict = {}
+    exec(source, namespace)
+    assert clones == [["git", "clone", "--depth", "1", "--branch", "main", colab.REPOSITORY_URL]]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("python ") and "torch " in out and "matplotlib " in out
+    assert not colab.needs_model(name) and colab.needs_model("01_full_precision.ipynb")
+
+
 # --- a simulated Colab in a real virtual environment ------------------------------------------------------------
 
 CHILD = """

@@ -21,8 +21,13 @@ def code_cells(notebook):
     return [cell for cell in notebook.cells if cell.cell_type == "code"]
 
 
+MODEL_NOTEBOOKS = [path for path in NOTEBOOKS if colab.needs_model(path.name)]
+"""The notebooks that load a model: every one but the basics lesson (``colab.MODEL_FREE_NOTEBOOKS``)."""
+
+
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_full_precision.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:2] == ["00_quantization_basics.ipynb", "01_full_precision.ipynb"]
+    assert set(colab.MODEL_FREE_NOTEBOOKS) <= {p.name for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -47,8 +52,11 @@ def test_colab_badge_and_setup_point_at_the_repository(path):
     assert COLAB_BADGE.findall(notebook.cells[0].source) == [colab.colab_badge_url(path.name)]
     setup = code_cells(notebook)[0].source
     assert f'REPOSITORY_URL = "{colab.REPOSITORY_URL}"' in setup
-    assert "install_on_colab" in setup
-    assert notebook.metadata.get("accelerator") == "GPU"
+    if colab.needs_model(path.name):
+        assert "install_on_colab" in setup
+        assert notebook.metadata.get("accelerator") == "GPU"
+    else:  # Colab already has all it imports, and a lesson without a model needs no GPU
+        assert "install_on_colab" not in setup and "accelerator" not in notebook.metadata
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -57,7 +65,7 @@ def test_setup_cell_is_exactly_the_one_helpers_colab_writes(path):
     if "REPOSITORY_BRANCH" not in setup:
         pytest.xfail("this notebook still has the setup cell from before helpers.colab; paste "
                      "`python -m helpers.colab setup-cell` into it (or run `make set-repository`)")
-    assert setup == colab.setup_cell_source()
+    assert setup == colab.setup_cell_source(notebook_name=path.name)
 
 
 def test_readme_badges_point_at_the_repository():
@@ -65,7 +73,7 @@ def test_readme_badges_point_at_the_repository():
     assert COLAB_BADGE.findall(readme) == [colab.colab_badge_url(path.name) for path in NOTEBOOKS]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODEL_NOTEBOOKS, ids=lambda p: p.name)
 def test_profile_parameter_in_the_first_cells(path):
     assert any(cell.source.startswith("PROFILE = ") for cell in code_cells(read(path))[:3])
 
@@ -92,10 +100,13 @@ def test_no_stderr_and_no_errors_in_committed_outputs(path):
 def test_has_a_summary_cell_and_releases_memory(path):
     cells = code_cells(read(path))
     assert any(runner.SUMMARY_TAG in cell.metadata.get("tags", []) for cell in cells)
-    assert any("memory.release(" in cell.source for cell in cells)
+    if colab.needs_model(path.name):
+        assert any("memory.release(" in cell.source for cell in cells)
+    else:
+        assert not any("load_model(" in cell.source or "from_pretrained(" in cell.source for cell in cells)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODEL_NOTEBOOKS, ids=lambda p: p.name)
 def test_memory_plan_printed_before_the_first_model_load(path):
     sources = [cell.source for cell in code_cells(read(path))]
     plan_at = next(i for i, s in enumerate(sources) if f'check_memory_before_loading("{path.stem}"' in s)

@@ -79,3 +79,32 @@ def test_llm_int8_decomposition_draws_the_features_and_the_split_with_its_shapes
         plots.llm_int8_decomposition(before, after, 6.0, [], 64, 16, "float32", "t")
     with pytest.raises(ValueError, match="the same number"):
         plots.llm_int8_decomposition(before, after[:3], 6.0, [2], 64, 16, "float32", "t")
+
+
+def test_quantization_number_lines_draw_every_level_and_an_arrow_per_value():
+    levels = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    values = torch.tensor([-0.8, 0.4, 1.9])
+    plots.quantization_number_lines({"a": (levels, values, torch.tensor([-1.0, 0.0, 2.0])),
+                                     "b": (levels[:2], values, torch.tensor([-1.0, 0.0, 0.0]))}, title="t", xlabel="x")
+    axes = last_figure().axes
+    assert [ax.get_title(loc="left") for ax in axes] == ["a", "b"]
+    assert len(axes[0].collections) == 4 and len(axes[1].collections) == 2  # one tick per level
+    assert len(axes[0].texts) == 3  # one arrow per value
+
+
+def test_error_heatmaps_share_one_colour_scale():
+    plots.error_heatmaps({"x": torch.zeros(2, 3).numpy(), "y": torch.full((2, 3), 0.5).numpy()}, title="t",
+                         colorbar_label="error", mark=(1, 2))
+    figure = last_figure()
+    images = [ax.images[0] for ax in figure.axes if ax.images]
+    assert len(images) == 2 and {image.get_clim() for image in images} == {(0.0, 0.5)}
+
+
+def test_bad_input_to_the_basics_figures():
+    with pytest.raises(ValueError, match="at least one scheme"):
+        plots.quantization_number_lines({}, title="t", xlabel="x")
+    with pytest.raises(ValueError, match="one rounded value per value"):
+        plots.quantization_number_lines({"a": ([0.0], [0.1, 0.2], [0.0])}, title="t", xlabel="x")
+    with pytest.raises(ValueError, match="one shape"):
+        plots.error_heatmaps({"a": torch.zeros(2, 2).numpy(), "b": torch.zeros(3, 2).numpy()}, title="t",
+                             colorbar_label="e")

@@ -47,7 +47,7 @@ def test_set_repository_rewrites_badges_setup_cells_and_constants_only(course_co
     for path in notebooks:
         before, after = originals[path.name], nbformat.read(path, as_version=4)
         setup_index = next(i for i, cell in enumerate(after.cells) if cell.cell_type == "code")
-        assert after.cells[setup_index].source == colab.setup_cell_source(FORK_URL, FORK_BRANCH)
+        assert after.cells[setup_index].source == colab.setup_cell_source(FORK_URL, FORK_BRANCH, path.name)
         assert colab.colab_badge_url(path.name, FORK_URL, FORK_BRANCH) in after.cells[0].source
         assert "llm-quantization-course/llm-quantization-course" not in after.cells[0].source
         for index, (old, new) in enumerate(zip(before.cells, after.cells)):

@@ -131,6 +131,19 @@ def test_equals_compressed_tensors_fake_quantize_bit_for_bit(bits, symmetric, gr
     assert torch.equal(fake_quantize(weight, scale, zero_point, args), q.dequantized)
 
 
+def test_compressed_tensors_reproduces_the_published_example_with_our_functions():
+    """fake_quantize with the course's scale 3.5 and zero point -70 gives the published dequantized tensor, as ours."""
+    from compressed_tensors.quantization import fake_quantize
+
+    args = _compressed_tensors_args(8, False, "tensor")
+    theirs = fake_quantize(course_tensor(), torch.tensor([L2A_SCALE]), torch.tensor([L2A_ZERO_POINT], dtype=torch.int8),
+                           args)
+    assert theirs.tolist() == L2A_DEQUANTIZED
+    ours = basics.dequantize(basics.quantize(course_tensor(), torch.tensor(L2A_SCALE), L2A_ZERO_POINT, -128, 127),
+                             torch.tensor(L2A_SCALE), L2A_ZERO_POINT)
+    assert torch.equal(theirs, ours)
+
+
 def test_zero_points_equal_compressed_tensors_calculate_qparams():
     from compressed_tensors.quantization.utils import calculate_qparams
 

@@ -221,7 +221,8 @@ def zero_point_scale(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     return scale, zero_point
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, q_min: int, q_max: int) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int,
+             q_min: int, q_max: int) -> torch.Tensor:
     """Codes for ``x``: divide by the scale, shift by the zero point, round to the nearest integer, clip."""
     shifted = x / scale + zero_point
     return torch.clamp(torch.round(shifted), q_min, q_max)

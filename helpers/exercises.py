@@ -240,4 +240,5 @@ def _group_size_knob(answer: object) -> Verdict:
         return Verdict(NOT_YET, f"groups of {size} do pay the outlier back, but so do larger groups, which need "
                                 "fewer scales: try larger ones.")
     return Verdict(RIGHT, "Smaller groups cost more scales for little gain; larger ones let the outlier coarsen too "
-                          "many neighbours. (bitsandbytes' NF4 blocks hold 64 weights; GPTQ and AWQ use groups of 128.)")
+                          "many neighbours. (bitsandbytes' NF4 blocks hold 64 weights; GPTQ and AWQ use groups of "
+                          "128.)")

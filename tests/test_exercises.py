@@ -102,9 +102,16 @@ def test_an_answer_of_the_wrong_kind_is_a_hint_not_a_crash():
     assert exercises.grade("00.1", "half").status == NOT_YET
     assert exercises.grade("00.2", 8).status == NOT_YET
     assert exercises.grade("00.3", 0.5).status == NOT_YET
-    assert exercises.grade("00.3", lambda w, g, b: 1 / 0).message.startswith("running your answer raised ZeroDivisionError")
+    raised = exercises.grade("00.3", lambda w, g, b: 1 / 0)
+    assert raised.status == NOT_YET and raised.message.startswith("running your answer raised ZeroDivisionError")
     with pytest.raises(KeyError, match="no exercise"):
         exercises.grade("99.9", 1)
+
+
+def test_the_lesson_never_imports_the_solutions():
+    for path in runner.course_notebooks():
+        assert "solutions" not in "".join(cell.source for cell in nbformat.read(path, as_version=4).cells
+                                          if cell.cell_type == "code"), path.name
 
 
 def test_the_knob_exercise_measures_what_the_notebook_prints():

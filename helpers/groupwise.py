@@ -429,10 +429,14 @@ AWQ_GRID = 20
 """Exponents alpha tried: 0, 1/20, ..., 19/20 (llmcompressor's default n_grid)."""
 
 
-def _output_error(gram: torch.Tensor, weights: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
-    """``sum ||X W^T - X W_hat^T||^2`` from the inputs' Gram matrix ``X^T X``: ``trace(D X^T X D^T)``, D = W - W_hat
-    (cheaper than multiplying every calibration token again)."""
-    return float(sum(((w - q) @ gram * (w - q)).sum() for w, q in zip(weights, quantized)))
+def _output_error(x: torch.Tensor, gram: torch.Tensor | None, weights: list[torch.Tensor],
+                  quantized: list[torch.Tensor]) -> float:
+    """``sum ||X W^T - X W_hat^T||^2``, D = W - W_hat: from the inputs' Gram matrix ``X^T X`` as
+    ``trace(D X^T X D^T)`` when there are more calibration tokens than input features (``gram`` given), else from
+    the tokens themselves, ``||X D^T||^2``: whichever multiplies less."""
+    if gram is not None:
+        return float(sum(((w - q) @ gram * (w - q)).sum() for w, q in zip(weights, quantized)))
+    return float(sum((x @ (w - q).t()).square().sum() for w, q in zip(weights, quantized)))
 
 
 @torch.no_grad()
@@ -452,7 +456,7 @@ def awq_search(weights: list[torch.Tensor], inputs: torch.Tensor, bits: int, gro
         raise ValueError(f"grid must be a positive int, got {grid!r}")
     x = inputs.reshape(-1, inputs.shape[-1]).float()
     activity = x.abs().mean(dim=0)
-    gram = x.t() @ x
+    gram = x.t() @ x if x.shape[0] >= x.shape[1] else None  # few tokens (the rehearsal's workload): use them
     errors, best = [], (None, None)
     for step in range(grid):
         alpha = step / grid
@@ -460,7 +464,7 @@ def awq_search(weights: list[torch.Tensor], inputs: torch.Tensor, bits: int, gro
         scales = scales / (scales.max() * scales.min()).sqrt()
         quantized = [dequantize_groupwise(quantize_groupwise(w * scales, bits, group_size, symmetric)) / scales
                      for w in weights]
-        errors.append(_output_error(gram, weights, quantized))
+        errors.append(_output_error(x, gram, weights, quantized))
         if best[0] is None or errors[-1] < errors[best[0]]:
             best = (step, scales)
     return best[0] / grid, best[1], errors

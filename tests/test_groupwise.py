@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import groupwise
+from helpers import environment, groupwise
 from helpers.groupwise import (
     GroupwiseQuantized,
     bits_per_weight_formula,
@@ -398,3 +398,16 @@ def test_results_on_part_of_a_real_llama_are_labelled_as_such():
     assert "layers" in real.calibrated_label("AWQ", 4) and "layers" not in tiny.calibrated_label("AWQ", 4)
     with pytest.raises(ValueError, match="'GPTQ', 'AWQ' or 'RTN'"):
         real.calibrated_label("HQQ", 4)
+
+
+def test_awq_measures_the_same_output_error_from_the_gram_matrix_or_from_few_tokens():
+    from helpers.groupwise import _output_error
+
+    weights = [environment.portable_randn(6, 16, seed=21).double()]
+    quantized = [weights[0] + 0.01 * environment.portable_randn(6, 16, seed=22).double()]
+    for tokens in (4, 40):  # fewer tokens than features: the tokens; more: the Gram matrix
+        x = environment.portable_randn(tokens, 16, seed=23).double()
+        direct = float(((x @ weights[0].t() - x @ quantized[0].t()) ** 2).sum())
+        via_gram = _output_error(x, x.t() @ x, weights, quantized)
+        via_tokens = _output_error(x, None, weights, quantized)
+        assert abs(via_gram - direct) <= 1e-9 * direct and abs(via_tokens - direct) <= 1e-9 * direct

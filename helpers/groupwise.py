@@ -22,7 +22,7 @@ Hessian (uncorrelated inputs) nothing is pushed and GPTQ is RTN exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, NamedTuple
 
 import torch
@@ -526,6 +526,14 @@ class ComparisonPlan:
     calibration_sequences: int
     eval_windows: int
     reason: str
+
+    def with_bit_widths(self, bit_widths) -> "ComparisonPlan":
+        """The same plan at the first of its bit widths only (``helpers.workload``: fewer under a small workload);
+        ``self`` when nothing changes."""
+        bit_widths = tuple(bit_widths)
+        if not bit_widths or any(bits not in self.bit_widths for bits in bit_widths):
+            raise ValueError(f"bit widths must be some of the plan's {self.bit_widths}, got {bit_widths}")
+        return self if bit_widths == self.bit_widths else replace(self, bit_widths=bit_widths)
 
     @property
     def calibration_on_whole_model(self) -> bool:

@@ -4,7 +4,7 @@ One setting, the ``COURSE_WORKLOAD`` environment variable, read by every noteboo
 
 - ``full`` (the default, and what every committed output shows): each cell uses the sizes its lesson chose;
 - ``small``: the same cells with fewer held-out windows, pricer items, training steps, calibration sequences,
-  generated tokens and timed repeats. ``make rehearse`` uses it: on random weights a long evaluation measures
+  generated tokens, timed repeats and bit widths compared (07 keeps 4 and 3 bits). ``make rehearse`` uses it: on random weights a long evaluation measures
   nothing, and the real models' 128,256-token vocabulary makes every scored token cost.
 
 Only amounts of work shrink. Widths, vocabularies, layers, dtypes and schemes never do, so every law a notebook
@@ -35,6 +35,7 @@ class Workload:
     calibration_sequences: int | None = None  # sequences GPTQ and AWQ calibrate on
     new_tokens: int | None = None  # tokens generated per prompt
     timed_repeats: int | None = None  # repeats of a timing
+    bit_widths: int | None = None  # how many of a comparison's bit widths (the first ones) are run
 
     def __post_init__(self) -> None:
         for field in fields(self)[1:]:
@@ -66,7 +67,7 @@ class Workload:
 WORKLOADS = {
     "full": Workload("full"),
     "small": Workload("small", eval_windows=1, pricer_items=2, training_steps=4, calibration_sequences=2,
-                      new_tokens=4, timed_repeats=1),
+                      new_tokens=4, timed_repeats=1, bit_widths=2),
 }
 
 

@@ -411,3 +411,15 @@ def test_awq_measures_the_same_output_error_from_the_gram_matrix_or_from_few_tok
         via_gram = _output_error(x, x.t() @ x, weights, quantized)
         via_tokens = _output_error(x, None, weights, quantized)
         assert abs(via_gram - direct) <= 1e-9 * direct and abs(via_tokens - direct) <= 1e-9 * direct
+
+
+def test_a_small_workload_compares_the_first_bit_widths_only(monkeypatch):
+    from helpers import workload
+
+    plan = groupwise.comparison_plan(3, "cuda", whole_model=False)
+    assert plan.with_bit_widths(plan.bit_widths) is plan
+    monkeypatch.setenv("COURSE_WORKLOAD", "small")
+    small = plan.with_bit_widths(workload.first(plan.bit_widths, "bit_widths"))
+    assert small.bit_widths == (4, 3) and small.calibration_layers == plan.calibration_layers
+    with pytest.raises(ValueError, match="some of the plan's"):
+        plan.with_bit_widths((8,))

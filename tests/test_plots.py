@@ -62,3 +62,23 @@ def test_bad_input_says_what_was_wrong():
         plots.per_layer_errors({"a": [0.1]}, difference=("a", "c"), title="t")
     with pytest.raises(ValueError, match="at least one"):
         plots.per_layer_errors({}, difference=("a", "b"), title="t")
+
+
+def test_lora_update_shapes_draws_the_three_matrices_to_scale():
+    from matplotlib.patches import Rectangle
+
+    plots.lora_update_shapes(out_features=128, in_features=256, r=8, scaling=2.0, title="q_proj")
+    ax = last_figure().axes[0]
+    boxes = {patch.get_label(): (patch.get_width(), patch.get_height()) for patch in ax.patches
+             if isinstance(patch, Rectangle)}
+    assert boxes == {"W": (256, 128), "B": (8, 128), "A": (256, 8)}  # (columns, rows) of each matrix
+    texts = [text.get_text() for text in ax.texts]
+    assert "W\n128 x 256\n32,768 values" in texts and "B = lora_B\n128 x 8\n1,024 values" in texts
+    assert "+  2 x" in texts
+
+
+def test_lora_update_shapes_refuses_impossible_shapes():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        plots.lora_update_shapes(64, 64, 0, 1.0, title="t")
+    with pytest.raises(ValueError, match="larger than the layer allows"):
+        plots.lora_update_shapes(64, 16, 32, 1.0, title="t")

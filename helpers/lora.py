@@ -11,6 +11,10 @@ Everything here reads dimensions from a config or a model, never from typed numb
 - :func:`summarize_adapter`: what an attached adapter really holds, counted by parameter name (an
   adapter loaded with ``PeftModel.from_pretrained`` is frozen, so "trainable" counts say 0);
 - :func:`lora_delta_weight`: ``scaling * B @ A`` for one adapted Linear;
+- :func:`update_ratios`, :func:`update_directions`: how large the update is, and along which directions of ``W``
+  (the LoRA paper's Table 7);
+- :func:`lora_scaling`, :func:`start_gradients`: ``lora_alpha / r`` against rsLoRA's ``lora_alpha / sqrt(r)``, and
+  the gradient each gives ``lora_B`` at LoRA's start, rank by rank;
 - :func:`adapter_file_layout`: the tensor bytes and header bytes of ``adapter_model.safetensors``;
 - :func:`local_adapter_folder`: where an adapter's files are (a local folder, or its Hub snapshot);
 - :func:`finetuning_memory`: weights, gradients and AdamW states of full fine-tuning, LoRA and QLoRA,
@@ -347,11 +351,13 @@ def base_weight_float32(lora_module) -> torch.Tensor:
 
 
 def update_ratios(peft_model, adapter_name: str = "default") -> dict[str, float]:
-    """``||ΔW|| / ||W||`` (Frobenius norms) of every adapted module, keyed by module name.
+    """``||ΔW|| / ||W||`` (Frobenius norms) of every adapted module, keyed by module name: a diagnostic.
 
-    LoRA's premise is that fine-tuning needs only a small, low-rank correction of a pretrained weight: on a base
-    that already knows the domain, well-behaved adapters have ratios well below 1 (the course's rule of thumb:
-    a median of at most 0.25). A ratio near or above 1 means the adapter rewrote the layer instead of nudging it.
+    ``W`` is the base weight the adapter was trained against (dequantized for a 4-bit or 8-bit base). No paper sets
+    a threshold on this ratio; LoRA's premise is that ``ΔW`` has low rank, not that it is small. For inputs with
+    independent entries of equal spread, the ratio is also the typical relative change of the layer's output
+    (``E||ΔW x||² = ||ΔW||² E[x_i²]``). The LoRA paper reports ``||ΔW_q|| / ||W_q||`` of 6.91 / 61.95 for GPT-3 at
+    r = 4 (its Table 7; :func:`update_directions` repeats that table's measurement).
     """
     ratios = {}
     for name, layer in _lora_layers(peft_model, adapter_name):
@@ -361,8 +367,129 @@ def update_ratios(peft_model, adapter_name: str = "default") -> dict[str, float]
     return ratios
 
 
-UPDATE_RATIO_RULE_OF_THUMB = 0.25
-"""The largest median ``||ΔW|| / ||W||`` the course accepts for an adapter that corrects rather than rewrites."""
+@dataclass(frozen=True)
+class UpdateDirections:
+    """The LoRA paper's Table 7 for one layer: how much of ``W`` lies along the update's own directions.
+
+    Each ``along_*`` is ``||Uᵀ W V||`` (Frobenius) with ``U`` and ``V`` the top-``r`` left and right singular
+    directions of the update, of ``W`` itself, or of a random matrix.
+    """
+
+    rank: int
+    weight_norm: float  # ||W||
+    update_norm: float  # ||ΔW||
+    along_update: float
+    along_weight: float
+    along_random: float
+
+    @property
+    def amplification(self) -> float:
+        """``||ΔW|| / ||Uᵀ W V||`` along the update's directions: how much the update enlarges what ``W`` has there."""
+        return self.update_norm / self.along_update
+
+
+def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(matrix, mode="reduced").Q
+
+
+def update_directions(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float,
+                      weight_singular_values: torch.Tensor | None = None, seed: int = 0) -> UpdateDirections:
+    """Project ``weight`` (``W``, ``(out, in)``) on the top-``r`` directions of ``ΔW = scaling · B @ A``, of ``W`` and
+    of a random matrix, as in the LoRA paper's section 7.3 (Table 7).
+
+    The update's singular directions come from its factors (a QR of each, then the SVD of an ``r x r`` core), so no
+    ``(out, in)`` decomposition is needed. Along ``W``'s own top-``r`` directions ``Uᵀ W V`` is diagonal, holding its
+    ``r`` largest singular values: pass them (``torch.linalg.svdvals(W)``) if already computed, or they are. The
+    random directions are orthonormalized columns of ``helpers.environment.portable_randn`` (the same on every CPU).
+    Computed in float32 on the weight's device.
+    """
+    from helpers.environment import portable_randn
+
+    for name, tensor in (("weight", weight), ("lora_B", lora_B), ("lora_A", lora_A)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D float tensor, got {getattr(tensor, 'shape', type(tensor).__name__)}.")
+    rank = lora_A.shape[0]
+    if lora_B.shape != (weight.shape[0], rank) or lora_A.shape != (rank, weight.shape[1]):
+        raise ValueError(f"lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} do not fit a weight "
+                         f"{tuple(weight.shape)}: they must be (out, r) and (r, in).")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not scaling > 0:
+        raise ValueError(f"scaling must be a positive number (lora_alpha / r), got {scaling!r}.")
+    W = weight.float()
+    B, A = lora_B.to(W.device).float(), lora_A.to(W.device).float()
+    (Q_B, R_B), (Q_A, R_A) = torch.linalg.qr(B, mode="reduced"), torch.linalg.qr(A.T, mode="reduced")
+    core_U, core_S, core_Vh = torch.linalg.svd(scaling * R_B @ R_A.T)  # ΔW = (Q_B core_U) S (Q_A core_Vh^T)^T
+    U, V = Q_B @ core_U, Q_A @ core_Vh.T
+    if weight_singular_values is None:
+        weight_singular_values = torch.linalg.svdvals(W)
+    top = weight_singular_values.to(W.device).float().sort(descending=True).values[:rank]
+    random_U = _orthonormal_columns(portable_randn(W.shape[0], rank, seed=seed).to(W.device))
+    random_V = _orthonormal_columns(portable_randn(W.shape[1], rank, seed=seed + 1).to(W.device))
+    return UpdateDirections(
+        rank=rank, weight_norm=W.norm().item(), update_norm=core_S.norm().item(),
+        along_update=(U.T @ W @ V).norm().item(), along_weight=top.norm().item(),
+        along_random=(random_U.T @ W @ random_V).norm().item())
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """peft's ``scaling``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora=True`` (rsLoRA,
+    arXiv:2312.03732)."""
+    r = _check_rank(r)
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}.")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}.")
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+@dataclass(frozen=True)
+class StartGradient:
+    """One peft LoRA layer at its start (``B = 0``): its ``scaling`` and the size of the gradient reaching ``lora_B``."""
+
+    r: int
+    scaling: float  # peft's own value on the layer
+    gradient_norm: float  # ||∂L/∂lora_B||
+
+
+def start_gradients(in_features: int, out_features: int, ranks: Sequence[int], lora_alpha: float,
+                    use_rslora: bool, tokens: int = 64, seed: int = 0) -> list[StartGradient]:
+    """Build a peft LoRA layer ``(in_features -> out_features)`` at each rank and measure ``||∂L/∂lora_B||`` at LoRA's
+    start, for ``L = sum(g * output)`` with random inputs ``x`` and a random gradient ``g`` from above.
+
+    ``lora_B`` starts at 0 and ``lora_A`` is random with the spread peft gives it (variance ``1 / (3 in)``, whatever
+    the rank), drawn with ``portable_randn`` (the first ``r`` rows of one draw). The gradient is
+    ``scaling · gᵀ (x Aᵀ)``: a sum over ``r`` independent rows of ``A``, so its size grows like ``scaling · sqrt(r)``.
+    With ``lora_alpha / r`` it shrinks as ``1 / sqrt(r)``; with rsLoRA's ``lora_alpha / sqrt(r)`` it stays level.
+    Runs on the CPU in float32 and leaves torch's random number generator as it found it.
+    """
+    from collections import OrderedDict
+
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.environment import portable_randn
+
+    ranks = [_check_rank(r) for r in ranks]
+    lora_scaling(lora_alpha, 1, use_rslora)  # the same checks of lora_alpha and use_rslora
+    if not ranks or max(ranks) > min(in_features, out_features):
+        raise ValueError(f"ranks must be non-empty and at most min(in_features, out_features) = "
+                         f"{min(in_features, out_features)}, got {ranks}.")
+    x = portable_randn(tokens, in_features, seed=seed)
+    g = portable_randn(tokens, out_features, seed=seed + 1)
+    A_rows = portable_randn(max(ranks), in_features, seed=seed + 2) / math.sqrt(3 * in_features)
+    results = []
+    with torch.random.fork_rng(devices=[]):  # peft draws its own lora_A, which we replace
+        for r in ranks:
+            base = torch.nn.Sequential(OrderedDict(proj=torch.nn.utils.skip_init(
+                torch.nn.Linear, in_features, out_features, bias=False)))
+            config = LoraConfig(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=["proj"],
+                                lora_dropout=0.0)
+            layer = get_peft_model(base, config).base_model.model.proj
+            with torch.no_grad():
+                layer.base_layer.weight.zero_()  # its output does not reach the gradient of lora_B
+                layer.lora_A["default"].weight.copy_(A_rows[:r])
+            (layer(x) * g).sum().backward()
+            results.append(StartGradient(r, layer.scaling["default"],
+                                         layer.lora_B["default"].weight.grad.norm().item()))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,3 +280,34 @@ def error_heatmaps(panels: dict[str, object], title: str, colorbar_label: str, m
     fig.colorbar(image, ax=axes[:, 0].tolist(), label=colorbar_label, shrink=0.9)
     fig.suptitle(title, fontsize=11)
     plt.show()
+def lora_update_shapes(out_features: int, in_features: int, r: int, scaling: float, title: str):
+    """``W + scaling · B @ A`` drawn to scale: one box per matrix, ``W`` ``(out, in)``, ``B`` ``(out, r)`` and
+    ``A`` ``(r, in)``, each labelled with its shape and its number of values (rows down, columns across, as
+    PyTorch stores a Linear's weight)."""
+    from matplotlib.patches import Rectangle
+
+    for name, value in (("out_features", out_features), ("in_features", in_features), ("r", r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if r > min(out_features, in_features):
+        raise ValueError(f"r = {r} is larger than the layer allows ({out_features} x {in_features})")
+    gap = 0.25 * max(out_features, in_features)
+    boxes = {  # name: (left, width, height, label)
+        "W": (0.0, in_features, out_features, f"W\n{out_features:,} x {in_features:,}\n{out_features * in_features:,} values"),
+        "B": (in_features + 2 * gap, r, out_features, f"B = lora_B\n{out_features:,} x {r}\n{out_features * r:,} values"),
+        "A": (in_features + 3 * gap + r, in_features, r, f"A = lora_A\n{r} x {in_features:,}\n{r * in_features:,} values"),
+    }
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for name, (left, width, height, label) in boxes.items():
+        ax.add_patch(Rectangle((left, -height), width, height, facecolor="tab:blue" if name == "W" else "tab:orange",
+                               alpha=0.35, edgecolor="black", linewidth=1, label=name))
+        ax.text(left + width / 2, -height - 0.05 * out_features, label, ha="center", va="top", fontsize=8)
+    ax.text(in_features + gap, -out_features / 2, f"+  {scaling:g} x", ha="center", va="center", fontsize=12)
+    ax.text(in_features + 2.5 * gap + r, -r / 2, "@", ha="center", va="center", fontsize=12)
+    ax.set_xlim(-0.05 * gap, in_features + 3.05 * gap + r + in_features)
+    ax.set_ylim(-1.5 * out_features, 0.02 * out_features)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()

@@ -49,11 +49,13 @@ SUPPORTED_NESTED_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 BNB_4BIT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Weight dtypes ``quantize_4bit`` accepts; anything else is rejected by bitsandbytes too."""
 
-NF4_PAPER_OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2
-"""Outermost quantile of NF4 in the QLoRA paper: halfway between 1 - 1/(2*15) and 1 - 1/(2*16)."""
+NF4_MIDPOINT_OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2
+"""Outermost probability of NF4, derived: halfway between 1 - 1/(2*15) and 1 - 1/(2*16). The QLoRA paper gives no
+value; this midpoint reproduces bitsandbytes' ``BNB_NF4_OFFSET`` to the 7 decimals it keeps."""
 
 BNB_NF4_OFFSET = 0.9677083
-"""The same quantile as bitsandbytes writes it (``create_normal_map``): the paper's value cut to 7 decimals."""
+"""The outermost probability as bitsandbytes writes it (``create_normal_map``'s default ``offset``), whose docstring
+says it was optimized empirically."""
 
 INT8_MAX = torch.iinfo(torch.int8).max  # 127: LLM.int8 maps each row's absmax to +-127
 BNB_MIN_ABSMAX = 1e-38  # bitsandbytes divides by max(absmax, 1e-38) so a block of zeros does not divide by 0
@@ -107,7 +109,7 @@ def _number_of_blocks(numel: int, blocksize: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def nf4_levels(offset: float = NF4_PAPER_OFFSET, float32_probabilities: bool = False) -> torch.Tensor:
+def nf4_levels(offset: float = NF4_MIDPOINT_OFFSET, float32_probabilities: bool = False) -> torch.Tensor:
     """The 16 NF4 levels, sorted, built from normal quantiles as in the QLoRA paper.
 
     Eight positive levels are the normal quantiles at 8 evenly spaced probabilities from ``offset`` down to
@@ -115,7 +117,7 @@ def nf4_levels(offset: float = NF4_PAPER_OFFSET, float32_probabilities: bool = F
     same range; an exact zero completes the 16. Dividing by the largest level puts them in [-1, 1] with -1 and
     1 both present (asymmetric: one more positive level, so zero is exact).
 
-    With the defaults (the paper's offset, probabilities in float64) the result differs from bitsandbytes'
+    With the defaults (the midpoint offset, probabilities in float64) the result differs from bitsandbytes'
     table by at most a few float32 ulps. ``nf4_levels(BNB_NF4_OFFSET, float32_probabilities=True)`` follows
     bitsandbytes' own recipe (its rounded offset, probabilities spaced in float32) and equals its table exactly.
     """

@@ -186,6 +186,86 @@ def test_delta_weight_equals_what_merging_adds():
 
 
 # ---------------------------------------------------------------------------------------------
+# Scaling across ranks (rsLoRA) and the update's directions (LoRA's Table 7)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("r", [1, 4, 9, 32])
+def test_lora_scaling_is_peft_s_own(r, use_rslora):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(LlamaForCausalLM(TINY), LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj"],
+                                                                   use_rslora=use_rslora))
+    peft_scaling = peft_model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert lora.lora_scaling(16, r, use_rslora) == peft_scaling == (16 / r ** 0.5 if use_rslora else 16 / r)
+
+
+def test_start_gradients_are_scaling_times_g_x_a_and_leave_the_random_generator_alone():
+    from helpers.environment import portable_randn
+
+    state = torch.get_rng_state()
+    steps = lora.start_gradients(8, 4, [1, 4], lora_alpha=2, use_rslora=False, tokens=3, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    x, g = portable_randn(3, 8, seed=5), portable_randn(3, 4, seed=6)
+    A_rows = portable_randn(4, 8, seed=7) / 24 ** 0.5  # variance 1 / (3 in), as peft draws lora_A
+    assert [(s.r, s.scaling) for s in steps] == [(1, 2.0), (4, 0.5)]
+    for step in steps:
+        by_hand = step.scaling * g.T @ (x @ A_rows[: step.r].T)  # dL/dB for L = sum(g * scaling * x A^T B^T)
+        assert step.gradient_norm == pytest.approx(by_hand.norm().item(), rel=1e-6)
+    stable = lora.start_gradients(8, 4, [1, 4], lora_alpha=2, use_rslora=True, tokens=3, seed=5)
+    assert [s.scaling for s in stable] == [2.0, 1.0]
+    # same A, x and g: the gradients differ exactly by the ratio of the scalings
+    assert stable[1].gradient_norm / steps[1].gradient_norm == pytest.approx(2.0, rel=1e-6)
+
+
+def test_start_gradients_shrink_with_alpha_over_r_and_stay_level_with_rslora():
+    plain = lora.start_gradients(256, 128, [4, 16, 64], lora_alpha=16, use_rslora=False)
+    stable = lora.start_gradients(256, 128, [4, 16, 64], lora_alpha=16, use_rslora=True)
+    for shrink, level, r in zip(plain, stable, (4, 16, 64)):
+        assert shrink.gradient_norm / plain[0].gradient_norm == pytest.approx((4 / r) ** 0.5, rel=0.15)
+        assert level.gradient_norm / stable[0].gradient_norm == pytest.approx(1.0, rel=0.15)
+
+
+def test_start_gradients_and_scaling_reject_bad_input():
+    with pytest.raises(ValueError, match="at most min"):
+        lora.start_gradients(8, 4, [8], lora_alpha=2, use_rslora=False)
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        lora.start_gradients(8, 4, [0], lora_alpha=2, use_rslora=False)
+    with pytest.raises(TypeError, match="use_rslora must be True or False"):
+        lora.lora_scaling(16, 4, use_rslora="yes")
+    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+        lora.lora_scaling(0, 4)
+
+
+def test_update_directions_on_a_hand_made_example():
+    # W has singular values 3, 2, ...; the update 2 e_3 e_4^T points where W holds only its entry W[2, 3] = 0.5
+    W = torch.tensor([[3.0, 0, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0.5], [0, 0, 0, 0.25]])
+    B, A = torch.tensor([[0.0], [0], [1], [0]]), torch.tensor([[0.0, 0, 0, 1]])
+    found = lora.update_directions(W, B, A, scaling=2.0)
+    assert found.rank == 1 and found.update_norm == pytest.approx(2.0) and found.weight_norm == pytest.approx(W.norm())
+    assert found.along_update == pytest.approx(0.5) and found.amplification == pytest.approx(4.0)
+    assert found.along_weight == pytest.approx(3.0)  # W's own top direction: its largest singular value
+    assert 0 <= found.along_random <= 3.0
+
+
+def test_update_directions_agree_with_a_full_svd_of_peft_s_update():
+    peft_model = tiny_peft_model(r=4)
+    q_proj = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    W, delta = q_proj.base_layer.weight.detach(), lora_delta_weight(q_proj)
+    found = lora.update_directions(W, q_proj.lora_B["default"].weight.detach(), q_proj.lora_A["default"].weight.detach(),
+                                   q_proj.scaling["default"])
+    U, S, Vh = torch.linalg.svd(delta)
+    assert found.along_update == pytest.approx((U[:, :4].T @ W @ Vh[:4].T).norm().item(), rel=1e-4)
+    assert found.update_norm == pytest.approx(delta.norm().item(), rel=1e-5)
+    assert found.along_weight == pytest.approx(torch.linalg.svdvals(W)[:4].norm().item(), rel=1e-5)
+    given = lora.update_directions(W, q_proj.lora_B["default"].weight.detach(), q_proj.lora_A["default"].weight.detach(),
+                                   q_proj.scaling["default"], weight_singular_values=torch.linalg.svdvals(W))
+    assert given == found
+    with pytest.raises(ValueError, match="do not fit a weight"):
+        lora.update_directions(W, q_proj.lora_A["default"].weight, q_proj.lora_B["default"].weight, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
 

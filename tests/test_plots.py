@@ -108,3 +108,21 @@ def test_bad_input_to_the_basics_figures():
     with pytest.raises(ValueError, match="one shape"):
         plots.error_heatmaps({"a": torch.zeros(2, 2).numpy(), "b": torch.zeros(3, 2).numpy()}, title="t",
                              colorbar_label="e")
+def test_lora_update_shapes_draws_the_three_matrices_to_scale():
+    from matplotlib.patches import Rectangle
+
+    plots.lora_update_shapes(out_features=128, in_features=256, r=8, scaling=2.0, title="q_proj")
+    ax = last_figure().axes[0]
+    boxes = {patch.get_label(): (patch.get_width(), patch.get_height()) for patch in ax.patches
+             if isinstance(patch, Rectangle)}
+    assert boxes == {"W": (256, 128), "B": (8, 128), "A": (256, 8)}  # (columns, rows) of each matrix
+    texts = [text.get_text() for text in ax.texts]
+    assert "W\n128 x 256\n32,768 values" in texts and "B = lora_B\n128 x 8\n1,024 values" in texts
+    assert "+  2 x" in texts
+
+
+def test_lora_update_shapes_refuses_impossible_shapes():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        plots.lora_update_shapes(64, 64, 0, 1.0, title="t")
+    with pytest.raises(ValueError, match="larger than the layer allows"):
+        plots.lora_update_shapes(64, 16, 32, 1.0, title="t")

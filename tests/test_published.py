@@ -24,6 +24,13 @@ def test_figures_match_the_checked_reference_sheet():
     assert published.get("qlora-table-2").ranking() == ["NFloat4 + DQ", "Float4 (E3M0)", "Float4 (E2M1)", "Int4"]
     assert published.get("llm-int8-table-5").ranking(lower_is_better=False)[0] == "175B"
     assert published.get("llama-cpp-bits").figure("Q4_0") == (32 * 4 + 16) / 32
+    table_7 = published.get("lora-table-7")
+    # the paper's "21.5 ≈ 6.91/0.32" amplification at r = 4, and its smaller one at r = 64
+    assert table_7.figure("r=4 ||ΔW_q||") / table_7.figure("r=4 along ΔW") == pytest.approx(21.5, abs=0.1)
+    assert table_7.figure("r=64 ||ΔW_q||") / table_7.figure("r=64 along ΔW") < 2
+    for r in (4, 64):
+        along = [table_7.figure(f"r={r} along {d}") for d in ("random", "ΔW", "W")]
+        assert along == sorted(along)  # random < the update's directions < W's own
 
 
 def test_a_panel_prints_the_citation_ours_and_what_differs(capsys):

@@ -52,15 +52,23 @@ def test_bitsandbytes_recipe_gives_its_nf4_table_exactly():
     assert torch.equal(table, CODE["nf4"].cpu())
 
 
-def test_paper_nf4_levels_shape_and_largest_difference_from_bitsandbytes():
+def test_bitsandbytes_offset_is_the_midpoint_cut_to_7_decimals_and_documented_as_empirical():
+    import inspect
+
+    default = inspect.signature(F.create_normal_map).parameters["offset"].default
+    assert default == Q.BNB_NF4_OFFSET == round(Q.NF4_MIDPOINT_OFFSET, 7)
+    assert "empirically" in F.create_normal_map.__doc__  # what bitsandbytes 0.50.2 says of its origin
+
+
+def test_midpoint_nf4_levels_shape_and_largest_difference_from_bitsandbytes():
     levels = Q.nf4_levels()
     assert levels.dtype == torch.float32 and levels.shape == (16,)
     assert torch.equal(levels, levels.sort().values)
     assert (levels < 0).sum() == 7 and (levels > 0).sum() == 8 and (levels == 0).sum() == 1
     assert levels[0] == -1 and levels[-1] == 1
     largest = (levels - F.get_4bit_type("nf4", device="cpu")).abs().max().item()
-    # Measured: 1.7881393e-07 (1.5 float32 ulps at 1.0), from bitsandbytes writing the paper's offset
-    # 0.96770833... as 0.9677083 and spacing the probabilities in float32.
+    # Measured: 1.7881393e-07 (1.5 float32 ulps at 1.0), from bitsandbytes writing its offset as 0.9677083 (the
+    # midpoint 0.96770833... cut to 7 decimals) and spacing the probabilities in float32.
     assert largest == pytest.approx(1.7881393432617188e-07, rel=1e-6)
     assert largest <= 2 * torch.finfo(torch.float32).eps
 

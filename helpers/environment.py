@@ -99,23 +99,25 @@ def emulate_gpu_float16_products() -> bool:
 
     It replaces the CPU kernels of ``aten::mm`` and ``aten::bmm`` (what ``nn.Linear`` without bias, ``@`` and
     ``matmul`` reach, in forward and backward passes, from Python or C++) with ones that call ``addmm`` /
-    ``baddbmm`` with ``beta=0``: the same BLAS product for other dtypes, float32 inputs for float16 ones. Only the
-    product kernels pay a Python call; a mode that saw every operator cost 5 times on a loop of small ones.
+    ``baddbmm`` with ``beta=0``: the same BLAS product for float32, float32 inputs for float16 and bfloat16 ones (an
+    A100's bfloat16 tensor cores also accumulate in float32; a CPU without AVX512-BF16 multiplies bfloat16 slowly).
+    Only the product kernels pay a Python call; a mode that saw every operator cost 5 times on a loop of small ones.
     """
     global _FLOAT16_PRODUCT_LIBRARY
     if _FLOAT16_PRODUCT_LIBRARY is not None:
         return False
+    SIXTEEN_BIT = (torch.float16, torch.bfloat16)  # bfloat16 too: a CPU without AVX512-BF16 (Zen 3) is slow there
 
     def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.dtype == torch.float16:
+        if a.dtype in SIXTEEN_BIT:
             return torch.addmm(a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32), a.float(), b.float(),
-                               beta=0).half()
+                               beta=0).to(a.dtype)
         return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0)
 
     def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         shape = (a.shape[0], a.shape[1], b.shape[2])
-        if a.dtype == torch.float16:
-            return torch.baddbmm(a.new_empty(shape, dtype=torch.float32), a.float(), b.float(), beta=0).half()
+        if a.dtype in SIXTEEN_BIT:
+            return torch.baddbmm(a.new_empty(shape, dtype=torch.float32), a.float(), b.float(), beta=0).to(a.dtype)
         return torch.baddbmm(a.new_empty(shape), a, b, beta=0)
 
     library = torch.library.Library("aten", "IMPL")

@@ -155,6 +155,8 @@ class ProductInBackward(torch.autograd.Function):  # as bitsandbytes' 4-bit matm
 seen = a.clone().requires_grad_()
 ProductInBackward.apply(seen).sum().backward()
 assert torch.equal(seen.grad, (torch.ones(5, 64) @ (b.float() @ b.float().t()).half().float()).half())
+bf = a.to(torch.bfloat16)
+assert torch.equal(bf @ bf.t(), (bf.float() @ bf.float().t()).to(torch.bfloat16))
 f32 = environment.portable_randn(4, 6, seed=4)
 assert torch.equal(f32 @ f32.t(), torch.addmm(torch.zeros(4, 4), f32, f32.t(), beta=0))  # other dtypes: same BLAS call
 print("ok", torch.equal(native, wide))

@@ -139,7 +139,7 @@ def choose_profile(requested: str | None = None, hardware: Hardware | None = Non
     print(f"  why: {reason}")
     print(f"  hardware: {hardware.describe()}")
     if hardware.rehearsal and environment.emulate_gpu_float16_products():
-        print("  float16 matrix products: float32 accumulation rounded to float16, as on the GPU "
+        print("  float16 and bfloat16 matrix products: float32 accumulation, rounded once, as on the GPU "
               "(this CPU's own float16 GEMM is about 100x slower)")
     print(f"  override: set PROFILE in the cell above or {PROFILE_ENV_VAR}; choices: {', '.join(PROFILES)}")
     work = workload.current()  # a wrong COURSE_WORKLOAD stops here, with the choices

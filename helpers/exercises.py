@@ -360,7 +360,7 @@ def _decoder_layer_parameters(answer: object) -> Verdict:
             (right * config.num_hidden_layers, "one decoder layer, not all num_hidden_layers of them."),
         ], f"on {name}'s config the count is off: add in_features x out_features for each of the layer's seven "
            "Linear layers (none has a bias) and the length of each RMSNorm weight.")
-    return Verdict(RIGHT, "Right on the tiny model's config and on Llama-3.2-1B, 3.2-3B and 3.1-8B: a layer is seven "
+    return Verdict(RIGHT, "It agrees on the tiny model's config and on Llama-3.2-1B, 3.2-3B and 3.1-8B: a layer is seven "
                           "matrices and two norm vectors, and the MLP's three matrices hold most of it.")
 
 

@@ -654,6 +654,36 @@ def _pack_3bit_int32(answer: object) -> Verdict:
                           "three int32s.")
 
 
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""The block sizes bitsandbytes' 4-bit quantization accepts (exercise 05.3 asks to try them)."""
+
+
+def scale_bits_per_weight(blocksize: int, double_quant: bool, blocksize2: int = 256) -> float:
+    """Bits per weight that NF4's block scales cost, by arithmetic: a float32 per block, or, with double
+    quantization, an 8-bit code per block plus a float32 per ``blocksize2`` blocks."""
+    float32_bits, code_bits = torch.finfo(torch.float32).bits, torch.iinfo(torch.uint8).bits
+    return code_bits / blocksize + float32_bits / (blocksize * blocksize2) if double_quant else float32_bits / blocksize
+
+
+@exercise("05.3", "knob", "The smallest block size at which float32 scales cost no more bits per weight than double "
+                          "quantization's in blocks of 64")
+def _block_size_knob(answer: object) -> Verdict:
+    size = _number(answer, "the block size")
+    if size not in BLOCK_SIZES:
+        return Verdict(NOT_YET, f"try the block sizes bitsandbytes accepts: powers of two from {min(BLOCK_SIZES)} "
+                                f"to {max(BLOCK_SIZES)}.")
+    size = int(size)
+    budget = scale_bits_per_weight(64, double_quant=True)
+    if scale_bits_per_weight(size, double_quant=False) > budget:
+        return Verdict(NOT_YET, f"in blocks of {size} float32 scales still cost more than double quantization's: "
+                                "try larger blocks.")
+    if any(scale_bits_per_weight(b, double_quant=False) <= budget for b in BLOCK_SIZES if b < size):
+        return Verdict(NOT_YET, f"blocks of {size} are cheap enough, but so are smaller ones, which fit the weights "
+                                "more closely: try smaller.")
+    return Verdict(RIGHT, "Double quantization buys the accuracy of blocks of 64 for the scale bits of much larger "
+                          "blocks: one outlier spoils 64 weights instead of hundreds. That is the trade QLoRA made.")
+
+
 _NIBBLE_SHAPES = ((3, 5), (1, 2), (4, 6), (16, 64))
 """Weight shapes a student's unpacking of bitsandbytes' bytes is tried on ((3, 5): an odd count, one padding nibble)."""
 
@@ -669,7 +699,7 @@ def _bitsandbytes_bytes(codes: torch.Tensor) -> torch.Tensor:
     return (flat[0::2] * 16 + flat[1::2]).to(torch.uint8).reshape(-1, 1)
 
 
-@exercise("05.3", "function", "Write unpack_bitsandbytes(packed, shape): the 4-bit codes of bitsandbytes' bytes.")
+@exercise("05.4", "function", "Write unpack_bitsandbytes(packed, shape): the 4-bit codes of bitsandbytes' bytes.")
 def _unpack_bitsandbytes(answer: object) -> Verdict:
     if not callable(answer):
         raise TypeError("the answer should be your function itself (its name, without calling it)")
@@ -699,33 +729,3 @@ def _unpack_bitsandbytes(answer: object) -> Verdict:
                                 "pair, the low nibble the second, in the order the weight was flattened.")
     return Verdict(RIGHT, "Two whole-tensor operations and a reshape undo bitsandbytes' packing; section 8 does the "
                           "same on a real NF4 weight.")
-
-
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-"""The block sizes bitsandbytes' 4-bit quantization accepts (exercise 05.4 asks to try them)."""
-
-
-def scale_bits_per_weight(blocksize: int, double_quant: bool, blocksize2: int = 256) -> float:
-    """Bits per weight that NF4's block scales cost, by arithmetic: a float32 per block, or, with double
-    quantization, an 8-bit code per block plus a float32 per ``blocksize2`` blocks."""
-    float32_bits, code_bits = torch.finfo(torch.float32).bits, torch.iinfo(torch.uint8).bits
-    return code_bits / blocksize + float32_bits / (blocksize * blocksize2) if double_quant else float32_bits / blocksize
-
-
-@exercise("05.4", "knob", "The smallest block size at which float32 scales cost no more bits per weight than double "
-                          "quantization's in blocks of 64")
-def _block_size_knob(answer: object) -> Verdict:
-    size = _number(answer, "the block size")
-    if size not in BLOCK_SIZES:
-        return Verdict(NOT_YET, f"try the block sizes bitsandbytes accepts: powers of two from {min(BLOCK_SIZES)} "
-                                f"to {max(BLOCK_SIZES)}.")
-    size = int(size)
-    budget = scale_bits_per_weight(64, double_quant=True)
-    if scale_bits_per_weight(size, double_quant=False) > budget:
-        return Verdict(NOT_YET, f"in blocks of {size} float32 scales still cost more than double quantization's: "
-                                "try larger blocks.")
-    if any(scale_bits_per_weight(b, double_quant=False) <= budget for b in BLOCK_SIZES if b < size):
-        return Verdict(NOT_YET, f"blocks of {size} are cheap enough, but so are smaller ones, which fit the weights "
-                                "more closely: try smaller.")
-    return Verdict(RIGHT, "Double quantization buys the accuracy of blocks of 64 for the scale bits of much larger "
-                          "blocks: one outlier spoils 64 weights instead of hundreds. That is the trade QLoRA made.")

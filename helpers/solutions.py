@@ -208,7 +208,17 @@ def exercise_05_2(codes: torch.Tensor) -> torch.Tensor:
     return word
 
 
-def exercise_05_3(packed: torch.Tensor, shape) -> torch.Tensor:
+def exercise_05_3() -> int:
+    """The smallest block size whose float32 scales cost no more bits per weight than double-quantized scales on
+    blocks of 64 (an 8-bit code per block, a float32 per 256 blocks), found by trying every size."""
+    double_quantized = 8 / 64 + 32 / (64 * 256)
+    for blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if 32 / blocksize <= double_quantized:
+            return blocksize
+    raise AssertionError("no block size is cheap enough")
+
+
+def exercise_05_4(packed: torch.Tensor, shape) -> torch.Tensor:
     """The 4-bit codes of bitsandbytes' bytes: the first of each pair in the high nibble.
 
     Split every byte into (byte >> 4, byte & 0xF), interleave them in that order, drop the padding nibble of an odd
@@ -219,22 +229,12 @@ def exercise_05_3(packed: torch.Tensor, shape) -> torch.Tensor:
     return pairs[: math.prod(shape)].reshape(tuple(shape))
 
 
-def exercise_05_4() -> int:
-    """The smallest block size whose float32 scales cost no more bits per weight than double-quantized scales on
-    blocks of 64 (an 8-bit code per block, a float32 per 256 blocks), found by trying every size."""
-    double_quantized = 8 / 64 + 32 / (64 * 256)
-    for blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        if 32 / blocksize <= double_quantized:
-            return blocksize
-    raise AssertionError("no block size is cheap enough")
-
-
 _SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4,
               "01.1": exercise_01_1, "01.3": exercise_01_3, "01.4": exercise_01_4,
               "02.2": exercise_02_2, "02.3": exercise_02_3,
-              "05.1": exercise_05_1, "05.4": exercise_05_4}
+              "05.1": exercise_05_1, "05.3": exercise_05_3}
 _FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "05.2": exercise_05_2,
-              "05.3": exercise_05_3}
+              "05.4": exercise_05_4}
 
 
 def answer(key: str, **context: object) -> object:

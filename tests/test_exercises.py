@@ -126,7 +126,7 @@ def _padding_kept(packed, shape):
 
 
 def _not_reshaped(packed, shape):
-    return solutions.exercise_05_3(packed, shape).reshape(-1)
+    return solutions.exercise_05_4(packed, shape).reshape(-1)
 
 
 def _low_nibble_unmasked(packed, shape):
@@ -167,11 +167,11 @@ WRONG = {  # exercise: [(a typical wrong answer, words its hint must contain)]
     "05.2": [(_first_code_highest, "the order is reversed"), (_shifted_in_uint8, "widen the codes to int32"),
              (_all_rows_in_one, "the other dimensions stay"), (_int64_words, "should be torch.int32"),
              (lambda codes: None, "forget `return`"), (lambda codes: solutions.exercise_05_2(codes) + 1, "some words")],
-    "05.3": [(_low_nibble_first, "wrong order"), (_padding_kept, "one code too many"),
+    "05.4": [(_low_nibble_first, "wrong order"), (_padding_kept, "one code too many"),
              (_not_reshaped, "reshape the codes"), (_low_nibble_unmasked, "above 15"),
              (lambda packed, shape: None, "forget `return`"),
-             (lambda packed, shape: solutions.exercise_05_3(packed, shape).flip(-1), "some codes differ")],
-    "05.4": [(64, "try larger"), (128, "try larger"), (512, "try smaller"), (4096, "try smaller"),
+             (lambda packed, shape: solutions.exercise_05_4(packed, shape).flip(-1), "some codes differ")],
+    "05.3": [(64, "try larger"), (128, "try larger"), (512, "try smaller"), (4096, "try smaller"),
              (100, "powers of two from 32")],
 }
 
@@ -256,7 +256,7 @@ def test_any_correct_way_is_accepted_in_notebooks_01_02_05():
         return packing.unpack_bitsandbytes_4bit(packed, shape)
 
     assert exercises.grade("05.2", summing_powers_of_eight).status == RIGHT
-    assert exercises.grade("05.3", with_the_helper).status == RIGHT
+    assert exercises.grade("05.4", with_the_helper).status == RIGHT
 
 
 def test_the_kv_cache_hints_tell_16_bit_from_gqa_on_a_real_config():

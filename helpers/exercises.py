@@ -268,7 +268,7 @@ _DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def _hint_for(value: float, mistakes: list[tuple[float, str]], otherwise: str) -> Verdict:
-    """NOT_YET with the hint of every typical mistake that gives ``value`` (several can coincide), else ``otherwise``."""
+    """NOT_YET with the hint of every typical mistake that gives ``value`` (several may coincide), or ``otherwise``."""
     hints = list(dict.fromkeys(hint for result, hint in mistakes if _close(value, result)))
     return Verdict(NOT_YET, " Or: ".join(hints) if hints else otherwise)
 
@@ -351,8 +351,9 @@ def _decoder_layer_parameters(answer: object) -> Verdict:
         key_value = config.num_key_value_heads * config.head_dim
         return _hint_for(counted, [
             (right - 2 * hidden, "the two RMSNorm weights (before attention, before the MLP) are parameters too."),
-            (right + 2 * hidden * (query - key_value), "k_proj and v_proj are narrower than q_proj: they make "
-                                                       "num_key_value_heads x head_dim features (grouped-query attention)."),
+            (right + 2 * hidden * (query - key_value),
+             "k_proj and v_proj are narrower than q_proj: they make num_key_value_heads x head_dim features "
+             "(grouped-query attention)."),
             (right - hidden * config.intermediate_size, "the gated MLP has three matrices: gate_proj, up_proj and "
                                                         "down_proj."),
             (right + vocab * hidden, "just one decoder layer: the embeddings and lm_head sit outside the layers."),
@@ -360,8 +361,8 @@ def _decoder_layer_parameters(answer: object) -> Verdict:
             (right * config.num_hidden_layers, "one decoder layer, not all num_hidden_layers of them."),
         ], f"on {name}'s config the count is off: add in_features x out_features for each of the layer's seven "
            "Linear layers (none has a bias) and the length of each RMSNorm weight.")
-    return Verdict(RIGHT, "It agrees on the tiny model's config and on Llama-3.2-1B, 3.2-3B and 3.1-8B: a layer is seven "
-                          "matrices and two norm vectors, and the MLP's three matrices hold most of it.")
+    return Verdict(RIGHT, "It agrees on the tiny model's config and on Llama-3.2-1B, 3.2-3B and 3.1-8B: a layer is "
+                          "seven matrices and two norm vectors, and the MLP's three matrices hold most of it.")
 
 
 @exercise("01.3", "predict", "What model.get_memory_footprint() returns for this float32 model, in bytes",
@@ -535,13 +536,15 @@ def _columns_above_threshold(answer: object) -> Verdict:
                               "threshold: the split is by column, so the int8 product needs no exceptions inside it.")
     magnitude = x.abs()
     return _hint_for(predicted, [
-        (int((magnitude >= LLM_INT8_THRESHOLD).sum()), "that counts values; bitsandbytes routes whole columns "
-                                                       "(features), and a column counts once however many of its values reach the threshold."),
+        (int((magnitude >= LLM_INT8_THRESHOLD).sum()),
+         "that counts values; bitsandbytes routes whole columns (features), and a column counts once however many of "
+         "its values reach the threshold."),
         (int((magnitude >= LLM_INT8_THRESHOLD).any(dim=1).sum()), "that counts rows (tokens); the split is by column."),
         (int((x >= LLM_INT8_THRESHOLD).any(dim=0).sum()), "the sign does not matter: the test is on |x|."),
         (int((magnitude > LLM_INT8_THRESHOLD).any(dim=0).sum()), "a value of exactly the threshold counts: the test is "
                                                                  "|x| >= threshold."),
-        (int((magnitude >= LLM_INT8_THRESHOLD - 0.1).any(dim=0).sum()), "5.9 is below the threshold: it stays in int8."),
+        (int((magnitude >= LLM_INT8_THRESHOLD - 0.1).any(dim=0).sum()),
+         "5.9 is below the threshold: it stays in int8."),
     ], "count the columns in which at least one value has |x| >= 6.0.")
 
 
@@ -597,8 +600,8 @@ def _packed_row_bytes(answer: object) -> Verdict:
         if all(_close(p, v) for p, v in zip(predicted, values)):
             return Verdict(NOT_YET, hint)
     wrong = ("one", "two", "three", "all four")[sum(p != r for p, r in zip(predicted, right)) - 1]
-    return Verdict(NOT_YET, f"{wrong} of the four {'is' if wrong == 'one' else 'are'} off: count how many codes fit in a byte at each width, then the "
-                            "bytes the row needs, the last one possibly part-filled.")
+    return Verdict(NOT_YET, f"{wrong} of the four {'is' if wrong == 'one' else 'are'} off: count how many codes fit "
+                            "in a byte at each width, then the bytes the row needs, the last one possibly part-filled.")
 
 
 _THREE_BIT_SHAPES = ((1, 10), (3, 20), (4, 50), (2, 3, 30))
@@ -621,7 +624,7 @@ def _three_bit_words(codes: torch.Tensor, first_lowest: bool = True, wrap_at_byt
     return (shifted % 256 if wrap_at_byte else shifted).sum(dim=-1)
 
 
-@exercise("05.2", "function", "Write pack_3bit_int32(codes): ten 3-bit codes to an int32, the first in the lowest bits.")
+@exercise("05.2", "function", "Write pack_3bit_int32(codes): ten 3-bit codes to an int32, the first lowest.")
 def _pack_3bit_int32(answer: object) -> Verdict:
     if not callable(answer):
         raise TypeError("the answer should be your function itself (its name, without calling it)")

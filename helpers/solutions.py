@@ -131,7 +131,8 @@ def exercise_01_4() -> int:
     from helpers import memory
 
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
-    llama_8b = memory.meta_model(Path(__file__).resolve().parents[1] / "data" / "reference" / "llama-3.1-8b.config.json")
+    reference = Path(__file__).resolve().parents[1] / "data" / "reference"
+    llama_8b = memory.meta_model(reference / "llama-3.1-8b.config.json")
     for cpu_gb in range(1, 129):
         plan = infer_auto_device_map(llama_8b, max_memory={0: memory.T4_USABLE_BYTES, "cpu": cpu_gb * 10**9},
                                      no_split_module_classes=["LlamaDecoderLayer"])

@@ -1,6 +1,8 @@
 """Exercises in the notebooks: a checker for each that says right or not yet, with a hint, never the answer.
 
-A notebook poses an exercise in one cell and ends it with ``exercises.check("00.1", your_answer)``. Three outcomes:
+A notebook poses an exercise in one cell and ends it with ``exercises.check("00.1", your_answer)``. An exercise about
+the notebook's own model or tensors also names them, ``exercises.check("01.1", your_answer, model=model)``, so that it
+has one right answer on every profile (the tiny model, or a real Llama's config with random weights). Three outcomes:
 
 * **not attempted** (the answer is still ``...`` or ``None``, or the function still raises ``NotImplementedError``):
   a polite line, nothing else, so a notebook runs top to bottom before anyone has tried anything;
@@ -17,10 +19,13 @@ checker accepts its solution, rejects a typical wrong answer with its hint, and 
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,12 +44,14 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Exercise:
-    """One exercise: its key (``"00.1"``: notebook, number), what kind of answer it wants, and its checker."""
+    """One exercise: its key (``"00.1"``: notebook, number), what kind of answer it wants, its checker, and the names
+    of what the notebook passes along with the answer (``context``: the model, a tensor), which the checker needs."""
 
     key: str
     kind: str  # "predict" (a value), "knob" (a setting found by trying) or "function" (code to write)
     question: str
-    grade: Callable[[object], Verdict]
+    grade: Callable[..., Verdict]
+    context: tuple[str, ...] = ()
 
 
 EXERCISES: dict[str, Exercise] = {}
@@ -56,15 +63,16 @@ _HOW_TO_START = {
 }
 
 
-def exercise(key: str, kind: str, question: str):
-    """Register the decorated function as the checker of exercise ``key``."""
+def exercise(key: str, kind: str, question: str, context: tuple[str, ...] = ()):
+    """Register the decorated function as the checker of exercise ``key``; it is called as
+    ``grade(answer, **context)`` with the names listed in ``context``."""
     if kind not in _HOW_TO_START:
         raise ValueError(f"kind must be one of {', '.join(_HOW_TO_START)}, got {kind!r}")
 
-    def register(grade: Callable[[object], Verdict]) -> Callable[[object], Verdict]:
+    def register(grade: Callable[..., Verdict]) -> Callable[..., Verdict]:
         if key in EXERCISES:
             raise ValueError(f"exercise {key} is registered twice")
-        EXERCISES[key] = Exercise(key, kind, question, grade)
+        EXERCISES[key] = Exercise(key, kind, question, grade, tuple(context))
         return grade
 
     return register
@@ -74,27 +82,37 @@ def _unattempted(answer: object) -> bool:
     return answer is ... or answer is None
 
 
-def grade(key: str, answer: object) -> Verdict:
-    """Judge ``answer`` to exercise ``key`` without printing anything (the tests call this)."""
+def grade(key: str, answer: object, **context: object) -> Verdict:
+    """Judge ``answer`` to exercise ``key`` without printing anything (the tests call this).
+
+    ``context``: what the exercise is about (``EXERCISES[key].context`` names it, e.g. ``model``). Passing other names
+    or leaving one out is a mistake in the notebook, not in the answer, so it raises ``TypeError``.
+    """
     if key not in EXERCISES:
         raise KeyError(f"no exercise {key!r}; known: {', '.join(EXERCISES)}")
     found = EXERCISES[key]
+    if set(context) != set(found.context):
+        wanted = ", ".join(f"{name}=..." for name in found.context) or "nothing besides the answer"
+        raise TypeError(f"exercise {key} is checked with {wanted}; got {', '.join(context) or 'no context'}: "
+                        f'call exercises.check("{key}", your_answer'
+                        + "".join(f", {name}={name}" for name in found.context) + ")")
     if _unattempted(answer):
         return Verdict(NOT_ATTEMPTED, _HOW_TO_START[found.kind])
     try:
-        return found.grade(answer)
+        return found.grade(answer, **context)
     except NotImplementedError:  # the function's body is still the placeholder
         return Verdict(NOT_ATTEMPTED, _HOW_TO_START[found.kind])
     except Exception as error:  # noqa: BLE001 (any error in a student's code is a hint, not a crash)
         return Verdict(NOT_YET, f"running your answer raised {type(error).__name__}: {error}")
 
 
-def check(key: str, answer: object) -> None:
+def check(key: str, answer: object, **context: object) -> None:
     """Print the verdict on ``answer`` to exercise ``key``: a polite note, ``✓ ... right`` or ``✗ ... not yet``.
 
     Never raises for a wrong or missing answer, so the notebook goes on; returns nothing, so no ``Out[]`` line.
+    ``context``: what the exercise is about, as ``grade`` takes it.
     """
-    verdict = grade(key, answer)
+    verdict = grade(key, answer, **context)
     if verdict.status == NOT_ATTEMPTED:
         print(f"Exercise {key} not attempted yet: {verdict.message}.")
     elif verdict.status == RIGHT:
@@ -242,3 +260,475 @@ def _group_size_knob(answer: object) -> Verdict:
     return Verdict(RIGHT, "Smaller groups cost more scales for little gain; larger ones let the outlier coarsen too "
                           "many neighbours. (bitsandbytes' NF4 blocks hold 64 weights; GPTQ and AWQ use groups of "
                           "128.)")
+
+
+# --- shared by the exercises below ------------------------------------------------------------------------------
+
+_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _hint_for(value: float, mistakes: list[tuple[float, str]], otherwise: str) -> Verdict:
+    """NOT_YET with the hint of every typical mistake that gives ``value`` (several may coincide), or ``otherwise``."""
+    hints = list(dict.fromkeys(hint for result, hint in mistakes if _close(value, result)))
+    return Verdict(NOT_YET, " Or: ".join(hints) if hints else otherwise)
+
+
+def _returned_tensor(got: object, what: str) -> Verdict | None:
+    """A hint when a student's function returned something other than a tensor, else None."""
+    if isinstance(got, torch.Tensor):
+        return None
+    return Verdict(NOT_YET, f"your function returned {type(got).__name__} as {what}, not a tensor"
+                            + (": did it forget `return`?" if got is None else "."))
+
+
+# --- notebook 01 ------------------------------------------------------------------------------------------------
+
+SIXTEEN_BIT_BYTES = torch.finfo(torch.float16).bits // 8
+"""Bytes of one number in a 16-bit KV cache (float16 or bfloat16)."""
+
+
+def _cached_numbers(model: torch.nn.Module) -> tuple[int, int, int]:
+    """Per token, read from the decoder's modules: the numbers a KV cache holds (every layer's key and value
+    vectors), what it would hold with one key/value head per query head, and the number of layers."""
+    layers = list(model.model.layers)
+    cached = sum(layer.self_attn.k_proj.out_features + layer.self_attn.v_proj.out_features for layer in layers)
+    without_gqa = sum(2 * layer.self_attn.q_proj.out_features for layer in layers)
+    return cached, without_gqa, len(layers)
+
+
+@exercise("01.1", "predict", "The KV cache of one token, in bytes, kept in 16-bit", context=("model",))
+def _kv_cache_per_token(answer: object, *, model: torch.nn.Module) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    cached, without_gqa, layers = _cached_numbers(model)
+    right = cached * SIXTEEN_BIT_BYTES
+    if _close(predicted, right):
+        return Verdict(RIGHT, "Every layer keeps a key and a value vector per key/value head for every token it has "
+                              "seen, so the cache grows with the context; GQA divides it by the query heads per group.")
+    return _hint_for(predicted, [
+        (right / 2, "half of it: every layer caches keys *and* values, each number in 2 bytes."),
+        (right * 2, "twice too much: the cache is kept in 16-bit, 2 bytes a number, not float32's 4."),
+        (without_gqa * SIXTEEN_BIT_BYTES, "that is the cache without GQA: only the key/value heads are cached, and "
+                                          "each serves a whole group of query heads."),
+        (right / layers, "that is one layer's share: every decoder layer keeps its own keys and values."),
+    ], "count, for one token, the numbers each decoder layer caches (keys and values, for its key/value heads "
+       "only), add up the layers, then the bytes at 16 bits a number.")
+
+
+def _named_configs() -> list[tuple[str, object]]:
+    """The configs a student's parameter count is tried on: the tiny model's and the three reference Llamas'."""
+    from helpers import memory
+
+    paths = {"the tiny model": _DATA / "tiny-llama" / "config.json",
+             "Llama-3.2-1B": _DATA / "reference" / "llama-3.2-1b.config.json",
+             "Llama-3.2-3B": _DATA / "reference" / "llama-3.2-3b.config.json",
+             "Llama-3.1-8B": _DATA / "reference" / "llama-3.1-8b.config.json"}
+    return [(name, memory.load_reference_config(path)) for name, path in paths.items()]
+
+
+def decoder_layer_size(config) -> int:
+    """Parameters of one decoder layer, measured: the layer built from ``config`` on the meta device, counted."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+    return sum(parameter.numel() for parameter in layer.parameters())
+
+
+@exercise("01.2", "function", "Write decoder_layer_parameters(config): the parameters of one decoder layer.")
+def _decoder_layer_parameters(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for name, config in _named_configs():
+        right = decoder_layer_size(config)
+        got = answer(copy.deepcopy(config))
+        if got is None:
+            return Verdict(NOT_YET, "your function returned None: did it forget `return`?")
+        counted = _number(got, "what your function returned")
+        if counted == right:
+            continue
+        hidden, vocab = config.hidden_size, config.vocab_size
+        query = config.num_attention_heads * config.head_dim
+        key_value = config.num_key_value_heads * config.head_dim
+        return _hint_for(counted, [
+            (right - 2 * hidden, "the two RMSNorm weights (before attention, before the MLP) are parameters too."),
+            (right + 2 * hidden * (query - key_value),
+             "k_proj and v_proj are narrower than q_proj: they make num_key_value_heads x head_dim features "
+             "(grouped-query attention)."),
+            (right - hidden * config.intermediate_size, "the gated MLP has three matrices: gate_proj, up_proj and "
+                                                        "down_proj."),
+            (right + vocab * hidden, "just one decoder layer: the embeddings and lm_head sit outside the layers."),
+            (right + 2 * vocab * hidden, "just one decoder layer: the embeddings and lm_head sit outside the layers."),
+            (right * config.num_hidden_layers, "one decoder layer, not all num_hidden_layers of them."),
+        ], f"on {name}'s config the count is off: add in_features x out_features for each of the layer's seven "
+           "Linear layers (none has a bias) and the length of each RMSNorm weight.")
+    return Verdict(RIGHT, "It agrees on the tiny model's config and on Llama-3.2-1B, 3.2-3B and 3.1-8B: a layer is "
+                          "seven matrices and two norm vectors, and the MLP's three matrices hold most of it.")
+
+
+@exercise("01.3", "predict", "What model.get_memory_footprint() returns for this float32 model, in bytes",
+          context=("model",))
+def _float32_footprint(answer: object, *, model: torch.nn.Module) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    right = model.get_memory_footprint()
+    if _close(predicted, right):
+        return Verdict(RIGHT, "get_memory_footprint adds up the bytes of every parameter and every buffer (the "
+                              "rotary frequencies are one). It sees nothing a quantization library keeps outside "
+                              "them, as notebook 02 shows.")
+    parameters = list(model.parameters())
+    values = sum(parameter.numel() for parameter in parameters)
+    parameter_bytes = sum(parameter.numel() * parameter.element_size() for parameter in parameters)
+    every_name = sum(parameter.numel() * parameter.element_size()
+                     for _, parameter in model.named_parameters(remove_duplicate=False))
+    in_other_units = "write it in bytes: the cell prints MB and GB only for reading."
+    return _hint_for(predicted, [
+        (parameter_bytes, "the parameters alone fall a little short: the footprint counts every tensor the model "
+                          "keeps in its state, and `model.named_buffers()` lists the ones that are not parameters."),
+        (values, "that counts numbers; the footprint counts bytes, 4 for each float32 number."),
+        (values * 2, "2 bytes a number is 16-bit; this model was loaded in float32."),
+        (every_name, "a tied lm_head is the embedding matrix itself: its bytes count once."),
+        (right / 1e6, in_other_units), (right / 1e9, in_other_units), (right / 2**20, in_other_units),
+        (right / 2**30, in_other_units),
+    ], "add up the bytes of everything the model stores: how many numbers, times the bytes of each.")
+
+
+CPU_GB_CHOICES = range(1, 129)
+"""Whole numbers of GB of CPU RAM exercise 01.4 accepts."""
+
+
+@functools.lru_cache(maxsize=1)
+def _llama_8b_on_meta() -> torch.nn.Module:
+    from helpers import memory
+
+    return memory.meta_model(_DATA / "reference" / "llama-3.1-8b.config.json")
+
+
+def offload_plan(cpu_gb: int) -> dict:
+    """Exercise 01.4's measurement: accelerate's device map for float32 Llama-3.1-8B with a T4's usable GPU memory
+    and ``cpu_gb`` GB (10**9 bytes) of CPU RAM, decoder layers kept whole, as notebook 01 computes it."""
+    import logging
+
+    from accelerate import infer_auto_device_map
+
+    from helpers import memory
+
+    modeling_log = logging.getLogger("accelerate.utils.modeling")  # on a CPU machine: "device 0 missing"
+    level = modeling_log.level
+    modeling_log.setLevel(logging.ERROR)
+    try:
+        return infer_auto_device_map(_llama_8b_on_meta(), max_memory={0: memory.T4_USABLE_BYTES, "cpu": cpu_gb * 10**9},
+                                     no_split_module_classes=["LlamaDecoderLayer"])
+    finally:
+        modeling_log.setLevel(level)
+
+
+def _spills_to_disk(cpu_gb: int) -> bool:
+    return "disk" in {str(device) for device in offload_plan(cpu_gb).values()}
+
+
+@exercise("01.4", "knob", "The least CPU RAM (whole GB) beside a T4 at which nothing of float32 Llama-3.1-8B goes to "
+                          "disk")
+def _cpu_ram_knob(answer: object) -> Verdict:
+    cpu_gb = _number(answer, "the CPU RAM")
+    if cpu_gb not in CPU_GB_CHOICES:
+        return Verdict(NOT_YET, f"try whole numbers of GB, from {min(CPU_GB_CHOICES)} to {max(CPU_GB_CHOICES)}.")
+    cpu_gb = int(cpu_gb)
+    if _spills_to_disk(cpu_gb):
+        return Verdict(NOT_YET, f"with {cpu_gb} GB of CPU RAM part of the model still goes to disk: try more.")
+    if cpu_gb > min(CPU_GB_CHOICES) and not _spills_to_disk(cpu_gb - 1):
+        return Verdict(NOT_YET, f"{cpu_gb} GB is enough, but so is less: find the smallest.")
+    return Verdict(RIGHT, "What the GPU cannot hold waits in CPU RAM, and only what is left goes to disk. The model "
+                          "then runs, but every offloaded layer is copied to the GPU for every forward pass: fitting "
+                          "on the GPU itself is what the next notebooks' quantization is for.")
+
+
+# --- notebook 02 ------------------------------------------------------------------------------------------------
+
+_INT8_CASES = ((8, 32), (16, 64), (5, 48), (12, 40))
+"""(rows, columns) of the random weights a student's int8 quantizer is tried on."""
+
+
+def bitsandbytes_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What bitsandbytes stores for ``weight`` (out x in) with LLM.int8: its int8 codes (``CB``) and row scales
+    (``SCB``), from its own row-wise quantizer on the CPU."""
+    import bitsandbytes.functional as bnb_functional
+
+    codes, scales, _ = bnb_functional.int8_vectorwise_quant(weight.detach().cpu().to(torch.float16).contiguous())
+    return codes, scales
+
+
+@exercise("02.1", "function", "Write int8_rowwise(weight): LLM.int8's int8 codes and per-row scales (SCB).")
+def _int8_rowwise(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for seed, (rows, columns) in enumerate(_INT8_CASES):
+        weight = basics.example_weight(rows, columns, seed=200 + seed)
+        codes, scales = bitsandbytes_int8(weight)
+        got = answer(weight.clone())
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            return Verdict(NOT_YET, "your function should return two tensors, (codes, scales)"
+                                    + (": did it forget `return`?" if got is None else "."))
+        for tensor, what in zip(got, ("its codes", "its scales")):
+            if (wrong_type := _returned_tensor(tensor, what)) is not None:
+                return wrong_type
+        got_codes, got_scales = got[0].detach().cpu(), got[1].detach().cpu().float().reshape(-1)
+        where = f"on a {rows} x {columns} weight,"
+        if got_scales.numel() != rows:
+            return Verdict(NOT_YET, f"{where} it gave {got_scales.numel()} scale(s); LLM.int8 keeps one per output "
+                                    "row, its largest magnitude (reduce over dim 1).")
+        if not torch.equal(got_scales, scales):
+            if torch.equal(got_scales, weight.abs().amax(dim=1)):
+                return Verdict(NOT_YET, f"{where} the scales are the float32 weight's; bitsandbytes takes each row's "
+                                        "absmax of a float16 copy of the weight.")
+            if torch.allclose(got_scales * 127, scales, rtol=1e-6, atol=0):
+                return Verdict(NOT_YET, f"{where} SCB holds each row's absmax itself, not the step absmax / 127.")
+            return Verdict(NOT_YET, f"{where} some scales differ from SCB: each row's largest |value| of the float16 "
+                                    "copy, as a float32 number.")
+        if got_codes.dtype != torch.int8 or got_codes.shape != weight.shape:
+            return Verdict(NOT_YET, f"{where} the codes should be a torch.int8 tensor shaped like the weight, got "
+                                    f"{got_codes.dtype} {tuple(got_codes.shape)}.")
+        exact = weight.to(torch.float16).double() * 127 / scales.double().unsqueeze(1)
+        if (got_codes.double() - exact).abs().max().item() <= 0.5 + 1e-4:  # a nearest integer (either, on a tie)
+            continue
+        off = got_codes.double() - exact
+        if bool((off.abs() < 1 + 1e-4).all() and (got_codes.double().abs() <= exact.abs() + 1e-4).all()):
+            return Verdict(NOT_YET, f"{where} the codes are truncated towards 0 (`.to(torch.int8)` alone does that); "
+                                    "round to the nearest integer first.")
+        return Verdict(NOT_YET, f"{where} some codes differ from bitsandbytes': round each value of the float16 copy "
+                                "times 127 / its row's scale.")
+    return Verdict(RIGHT, "Your codes and scales are bitsandbytes' on four random weights: each row's largest value "
+                          "becomes +-127, and every other one lands on that row's grid of steps absmax / 127.")
+
+
+TOY_ACTIVATIONS = (
+    (0.4, -1.3, 6.0, 0.2, -0.8, 1.9, -0.5, 1.1),
+    (-0.9, 0.7, -1.4, -7.5, 0.3, -6.2, 0.6, -2.0),
+    (1.2, -0.1, 0.5, 0.9, -1.7, 0.4, -5.9, 0.3),
+    (-0.3, 2.2, -0.6, 1.5, 0.8, -1.1, 0.2, -0.7),
+    (0.6, -0.4, 1.3, 6.5, 9.0, 0.1, -1.0, 0.5),
+    (-1.5, 0.9, -0.2, -0.6, 0.7, 2.4, 1.6, -0.8),
+)
+"""Exercise 02.2's activations: 6 tokens (rows) x 8 features (columns), a few of them outliers."""
+
+LLM_INT8_THRESHOLD = 6.0
+"""``BitsAndBytesConfig``'s default ``llm_int8_threshold``."""
+
+
+def toy_activations() -> torch.Tensor:
+    """Exercise 02.2's activations as a float32 tensor (tokens x features)."""
+    return torch.tensor(TOY_ACTIVATIONS, dtype=torch.float32)
+
+
+def float_path_columns(x: torch.Tensor, threshold: float) -> tuple[int, ...]:
+    """The columns of ``x`` (tokens x features) LLM.int8 multiplies in floating point: those in which some value of
+    the float16 activations bitsandbytes quantizes has ``|x| >= threshold``."""
+    reached = (x.detach().cpu().reshape(-1, x.shape[-1]).to(torch.float16).abs() >= threshold).any(dim=0)
+    return tuple(torch.nonzero(reached).flatten().tolist())
+
+
+@exercise("02.2", "predict", "How many columns of the toy activations does llm_int8_threshold = 6.0 send to "
+                             "floating point?")
+def _columns_above_threshold(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    x = toy_activations()
+    right = len(float_path_columns(x, LLM_INT8_THRESHOLD))
+    if predicted == right:
+        return Verdict(RIGHT, "A feature leaves int8 for the whole call as soon as one token's value reaches the "
+                              "threshold: the split is by column, so the int8 product needs no exceptions inside it.")
+    magnitude = x.abs()
+    return _hint_for(predicted, [
+        (int((magnitude >= LLM_INT8_THRESHOLD).sum()),
+         "that counts values; bitsandbytes routes whole columns (features), and a column counts once however many of "
+         "its values reach the threshold."),
+        (int((magnitude >= LLM_INT8_THRESHOLD).any(dim=1).sum()), "that counts rows (tokens); the split is by column."),
+        (int((x >= LLM_INT8_THRESHOLD).any(dim=0).sum()), "the sign does not matter: the test is on |x|."),
+        (int((magnitude > LLM_INT8_THRESHOLD).any(dim=0).sum()), "a value of exactly the threshold counts: the test is "
+                                                                 "|x| >= threshold."),
+        (int((magnitude >= LLM_INT8_THRESHOLD - 0.1).any(dim=0).sum()),
+         "5.9 is below the threshold: it stays in int8."),
+    ], "count the columns in which at least one value has |x| >= 6.0.")
+
+
+THRESHOLDS = (1, 2, 4, 6, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""The thresholds exercise 02.3 asks to try."""
+
+
+@exercise("02.3", "knob", "The largest threshold that sends the same columns to floating point as 6.0 does",
+          context=("x",))
+def _threshold_knob(answer: object, *, x: torch.Tensor) -> Verdict:
+    threshold = _number(answer, "the threshold")
+    if threshold not in THRESHOLDS:
+        return Verdict(NOT_YET, "try the thresholds of the list: 6.0 and the powers of two from 1 up.")
+    default = float_path_columns(x, LLM_INT8_THRESHOLD)
+    same = [t for t in THRESHOLDS if float_path_columns(x, t) == default]
+    if threshold == max(same):
+        return Verdict(RIGHT, "The threshold only has to fall in the gap between the ordinary features and the "
+                              "outliers: anywhere in it, the split and the result are the same. 6.0 suits large "
+                              "models because their outlier features lie far above it and the rest far below.")
+    if float_path_columns(x, threshold) == default:
+        return Verdict(NOT_YET, f"at {threshold:g} the same columns take the floating-point path, and larger "
+                                "thresholds may keep them too: try larger.")
+    if threshold < LLM_INT8_THRESHOLD:
+        return Verdict(NOT_YET, f"at {threshold:g} more columns join the floating-point path: try larger.")
+    return Verdict(NOT_YET, f"at {threshold:g} a column that 6.0 routes around int8 falls back into it: try smaller.")
+
+
+# --- notebook 05 ------------------------------------------------------------------------------------------------
+
+ROW_LENGTH = 13
+PACKED_BITS = (1, 2, 4, 8)
+"""Exercise 05.1: one row of ROW_LENGTH codes, packed at each of these bit widths."""
+
+
+@exercise("05.1", "predict", "Bytes one row of 13 codes takes when packed at 1, 2, 4 and 8 bits")
+def _packed_row_bytes(answer: object) -> Verdict:
+    if not isinstance(answer, (tuple, list)) or len(answer) != len(PACKED_BITS):
+        raise TypeError("the answer should be four numbers, the bytes at 1, 2, 4 and 8 bits, e.g. (a, b, c, d)")
+    predicted = [_number(value, "each number of bytes") for value in answer]
+    right = [math.ceil(ROW_LENGTH * bits / 8) for bits in PACKED_BITS]
+    if predicted == right:
+        return Verdict(RIGHT, "A row of n codes of b bits takes n*b/8 bytes rounded up: packing runs along the row, "
+                              "so each row is padded on its own and no byte mixes two rows.")
+    mistakes = {
+        "a byte that holds only some of the codes is still a whole byte: the last one is padded with empty slots.":
+            [ROW_LENGTH * bits // 8 for bits in PACKED_BITS],
+        "bytes come whole: the last one is padded with empty slots.": [ROW_LENGTH * bits / 8 for bits in PACKED_BITS],
+        "those are bits; the question asks for bytes.": [ROW_LENGTH * bits for bits in PACKED_BITS],
+        "that is how many codes fit in one byte; the question is how many bytes the whole row takes.":
+            [8 // bits for bits in PACKED_BITS],
+    }
+    for hint, values in mistakes.items():
+        if all(_close(p, v) for p, v in zip(predicted, values)):
+            return Verdict(NOT_YET, hint)
+    wrong = ("one", "two", "three", "all four")[sum(p != r for p, r in zip(predicted, right)) - 1]
+    return Verdict(NOT_YET, f"{wrong} of the four {'is' if wrong == 'one' else 'are'} off: count how many codes fit "
+                            "in a byte at each width, then the bytes the row needs, the last one possibly part-filled.")
+
+
+_THREE_BIT_SHAPES = ((1, 10), (3, 20), (4, 50), (2, 3, 30))
+"""Shapes of the codes a student's 3-bit packer is tried on (the last dimension a multiple of ten)."""
+
+
+def _random_codes(shape: tuple[int, ...], bits: int, seed: int) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 2**bits, size=shape, dtype=np.uint8))
+
+
+def _three_bit_words(codes: torch.Tensor, first_lowest: bool = True, wrap_at_byte: bool = False) -> torch.Tensor:
+    """Ten 3-bit codes to a word as arithmetic: code k times 8**k (its 3-bit slot), summed; int64."""
+    groups = codes.long().reshape(*codes.shape[:-1], -1, 10)
+    if not first_lowest:
+        groups = groups.flip(-1)
+    place = torch.tensor([8**k for k in range(10)], dtype=torch.int64)
+    shifted = groups * place
+    return (shifted % 256 if wrap_at_byte else shifted).sum(dim=-1)
+
+
+@exercise("05.2", "function", "Write pack_3bit_int32(codes): ten 3-bit codes to an int32, the first lowest.")
+def _pack_3bit_int32(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    cases = [_random_codes(shape, 3, seed=300 + i) for i, shape in enumerate(_THREE_BIT_SHAPES)]
+    cases.append(torch.full((2, 10), 7, dtype=torch.uint8))  # every bit of the thirty set
+    for codes in cases:
+        got = answer(codes.clone())
+        if (wrong_type := _returned_tensor(got, "the packed words")) is not None:
+            return wrong_type
+        where = f"on codes of shape {tuple(codes.shape)},"
+        expected = _three_bit_words(codes)
+        if tuple(got.shape) != tuple(expected.shape):
+            return Verdict(NOT_YET, f"{where} it returned shape {tuple(got.shape)}; ten codes go into each int32, "
+                                    "along the last dimension, and the other dimensions stay.")
+        if got.dtype != torch.int32:
+            return Verdict(NOT_YET, f"{where} it returned {got.dtype}; the words should be torch.int32.")
+        got = got.detach().cpu().long()
+        if torch.equal(got, expected):
+            continue
+        if torch.equal(got, _three_bit_words(codes, first_lowest=False)):
+            return Verdict(NOT_YET, f"{where} the order is reversed: the first code of each ten goes into the lowest "
+                                    "3 bits, the next one above it.")
+        if torch.equal(got, _three_bit_words(codes, wrap_at_byte=True)):
+            return Verdict(NOT_YET, f"{where} high bits are lost: a uint8 shifted left drops what passes bit 7, so "
+                                    "widen the codes to int32 before shifting.")
+        return Verdict(NOT_YET, f"{where} some words differ: code k of each group of ten belongs at bits 3k to "
+                                "3k + 2 (shift it left by 3k), and the ten are combined with OR or a sum.")
+    return Verdict(RIGHT, "Ten 3-bit codes fill 30 of an int32's 32 bits: 3.2 bits a weight, where one code per byte "
+                          "would take 8. Some 3-bit kernels go further and let codes straddle words, 32 codes in "
+                          "three int32s.")
+
+
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""The block sizes bitsandbytes' 4-bit quantization accepts (exercise 05.3 asks to try them)."""
+
+
+def scale_bits_per_weight(blocksize: int, double_quant: bool, blocksize2: int = 256) -> float:
+    """Bits per weight that NF4's block scales cost, by arithmetic: a float32 per block, or, with double
+    quantization, an 8-bit code per block plus a float32 per ``blocksize2`` blocks."""
+    float32_bits, code_bits = torch.finfo(torch.float32).bits, torch.iinfo(torch.uint8).bits
+    return code_bits / blocksize + float32_bits / (blocksize * blocksize2) if double_quant else float32_bits / blocksize
+
+
+@exercise("05.3", "knob", "The smallest block size at which float32 scales cost no more bits per weight than double "
+                          "quantization's in blocks of 64")
+def _block_size_knob(answer: object) -> Verdict:
+    size = _number(answer, "the block size")
+    if size not in BLOCK_SIZES:
+        return Verdict(NOT_YET, f"try the block sizes bitsandbytes accepts: powers of two from {min(BLOCK_SIZES)} "
+                                f"to {max(BLOCK_SIZES)}.")
+    size = int(size)
+    budget = scale_bits_per_weight(64, double_quant=True)
+    if scale_bits_per_weight(size, double_quant=False) > budget:
+        return Verdict(NOT_YET, f"in blocks of {size} float32 scales still cost more than double quantization's: "
+                                "try larger blocks.")
+    if any(scale_bits_per_weight(b, double_quant=False) <= budget for b in BLOCK_SIZES if b < size):
+        return Verdict(NOT_YET, f"blocks of {size} are cheap enough, but so are smaller ones, which fit the weights "
+                                "more closely: try smaller.")
+    return Verdict(RIGHT, "Double quantization buys the accuracy of blocks of 64 for the scale bits of much larger "
+                          "blocks: one outlier spoils 64 weights instead of hundreds. That is the trade QLoRA made.")
+
+
+_NIBBLE_SHAPES = ((3, 5), (1, 2), (4, 6), (16, 64))
+"""Weight shapes a student's unpacking of bitsandbytes' bytes is tried on ((3, 5): an odd count, one padding nibble)."""
+
+BITSANDBYTES_NF4_PADDING = 7
+"""bitsandbytes pads an odd count with the code of 0.0, 7 in its NF4 table."""
+
+
+def _bitsandbytes_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' storage of 4-bit ``codes``, by arithmetic: flattened, a pair per byte, the first times 16."""
+    flat = codes.reshape(-1).long()
+    if flat.numel() % 2:
+        flat = torch.cat([flat, torch.tensor([BITSANDBYTES_NF4_PADDING])])
+    return (flat[0::2] * 16 + flat[1::2]).to(torch.uint8).reshape(-1, 1)
+
+
+@exercise("05.4", "function", "Write unpack_bitsandbytes(packed, shape): the 4-bit codes of bitsandbytes' bytes.")
+def _unpack_bitsandbytes(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for seed, shape in enumerate(_NIBBLE_SHAPES):
+        codes = _random_codes(shape, 4, seed=400 + seed)
+        got = answer(_bitsandbytes_bytes(codes), torch.Size(shape))
+        if (wrong_type := _returned_tensor(got, "the codes")) is not None:
+            return wrong_type
+        where = f"for a weight of shape {shape},"
+        if got.numel() == codes.numel() + 1:
+            return Verdict(NOT_YET, f"{where} it returned one code too many: an odd count leaves a padding nibble at "
+                                    "the end, which is not a weight.")
+        if tuple(got.shape) != shape:
+            return Verdict(NOT_YET, f"{where} it returned shape {tuple(got.shape)}; reshape the codes to `shape`.")
+        got = got.detach().cpu().long()
+        if torch.equal(got, codes.long()):
+            continue
+        stored = _bitsandbytes_bytes(codes).reshape(-1).long()
+        low_first = torch.stack((stored % 16, stored // 16), dim=1).reshape(-1)[: codes.numel()]
+        if torch.equal(got.reshape(-1), low_first):
+            return Verdict(NOT_YET, f"{where} the nibbles are in the wrong order: bitsandbytes keeps the first code "
+                                    "of each byte in the high nibble (byte >> 4), the second in the low one.")
+        if got.max().item() > 15:
+            return Verdict(NOT_YET, f"{where} some codes are above 15: a high nibble must be shifted down (>> 4) and "
+                                    "a low one masked (& 0xF), so that each code keeps only its own 4 bits.")
+        return Verdict(NOT_YET, f"{where} some codes differ: the high nibble of each byte is the first code of its "
+                                "pair, the low nibble the second, in the order the weight was flattened.")
+    return Verdict(RIGHT, "Two whole-tensor operations and a reshape undo bitsandbytes' packing; section 8 does the "
+                          "same on a real NF4 weight.")

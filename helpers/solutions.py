@@ -1,11 +1,14 @@
 """Worked solutions of the notebooks' exercises. Open this file on purpose, after a real try.
 
 Each solution shows one way of getting there (any correct way passes the checker in ``helpers/exercises.py``).
-``answer(key)`` returns what you would pass to ``exercises.check(key, ...)``; tests/test_exercises.py feeds every
-checker its solution.
+``answer(key)`` returns what you would pass to ``exercises.check(key, ...)``, and ``answer(key, model=model)`` the same
+for an exercise about the notebook's own model or tensors (``exercises.EXERCISES[key].context`` names them);
+tests/test_exercises.py feeds every checker its solution.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -69,16 +72,181 @@ def exercise_00_4() -> int:
     raise AssertionError("no group size pays the outlier back")
 
 
-_SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4}
-_FUNCTIONS = {"00.3": exercise_00_3}
+# --- notebook 01 ------------------------------------------------------------------------------------------------
 
 
-def answer(key: str) -> object:
-    """What a solved notebook passes to ``exercises.check(key, ...)``: a value, or the function itself."""
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def exercise_01_1(model) -> int:
+    """The KV cache of one token, in bytes, kept in 16-bit.
+
+    Every decoder layer caches one key and one value vector per key/value head (not per query head: that is what
+    grouped-query attention saves), each head_dim numbers of 2 bytes.
+    """
+    config = model.config
+    keys_and_values = 2
+    bytes_per_number = 2  # float16 or bfloat16
+    return (keys_and_values * config.num_hidden_layers * config.num_key_value_heads * _head_dim(config)
+            * bytes_per_number)
+
+
+def exercise_01_2(config) -> int:
+    """Parameters of one Llama decoder layer, from its config.
+
+    Seven Linear layers without biases, each in_features x out_features: q_proj and o_proj are hidden x (heads x
+    head_dim), k_proj and v_proj hidden x (kv_heads x head_dim), the gated MLP's three matrices hidden x intermediate;
+    plus two RMSNorm weights of hidden numbers each.
+    """
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    query_width = config.num_attention_heads * _head_dim(config)
+    key_value_width = config.num_key_value_heads * _head_dim(config)
+    attention = 2 * hidden * query_width + 2 * hidden * key_value_width
+    mlp = 3 * hidden * intermediate
+    norms = 2 * hidden
+    return attention + mlp + norms
+
+
+def exercise_01_3(model) -> int:
+    """``model.get_memory_footprint()`` of a float32 model: the bytes of every parameter and every buffer.
+
+    The buffers are the rotary embedding's frequencies (``inv_freq`` and a copy of them): float32 numbers too.
+    A tied lm_head is the embedding matrix, and ``model.parameters()`` yields it once.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def exercise_01_4() -> int:
+    """The least CPU RAM (whole GB) beside a T4 at which accelerate puts nothing of float32 Llama-3.1-8B on disk.
+
+    Found by trying, as the knob cell does: ask accelerate for the device map with more and more CPU RAM.
+    """
+    import logging
+    from pathlib import Path
+
+    from accelerate import infer_auto_device_map
+
+    from helpers import memory
+
+    logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
+    reference = Path(__file__).resolve().parents[1] / "data" / "reference"
+    llama_8b = memory.meta_model(reference / "llama-3.1-8b.config.json")
+    for cpu_gb in range(1, 129):
+        plan = infer_auto_device_map(llama_8b, max_memory={0: memory.T4_USABLE_BYTES, "cpu": cpu_gb * 10**9},
+                                     no_split_module_classes=["LlamaDecoderLayer"])
+        if "disk" not in plan.values():
+            return cpu_gb
+    raise AssertionError("even 128 GB of CPU RAM leave part of the model on disk")
+
+
+# --- notebook 02 ------------------------------------------------------------------------------------------------
+
+
+def exercise_02_1(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8's storage of a weight: int8 codes and one float32 scale per row (SCB), as bitsandbytes makes them.
+
+    bitsandbytes quantizes a float16 copy of the weight: each row's scale is that copy's largest magnitude, and each
+    value becomes round(value * 127 / scale), so the row's largest value lands on +-127.
+    """
+    copy16 = weight.to(torch.float16).float()  # the float16 values, computed with in float32
+    scales = copy16.abs().amax(dim=1)
+    codes = torch.round(copy16 * (127 / scales).unsqueeze(1)).to(torch.int8)
+    return codes, scales
+
+
+def exercise_02_2() -> int:
+    """Columns of the toy activations that llm_int8_threshold = 6.0 sends to floating point.
+
+    A column (feature) goes as soon as one of its values has |x| >= 6.0, whatever the sign: counting column by
+    column, each column once.
+    """
+    from helpers.exercises import TOY_ACTIVATIONS
+
+    columns = range(len(TOY_ACTIVATIONS[0]))
+    return sum(1 for c in columns if any(abs(row[c]) >= 6.0 for row in TOY_ACTIVATIONS))
+
+
+def exercise_02_3(x: torch.Tensor) -> int:
+    """The largest threshold of the list that routes the same columns around int8 as 6.0 does.
+
+    A column leaves int8 when its largest |x| (in the float16 activations bitsandbytes quantizes) reaches the
+    threshold, so every threshold up to the smallest such maximum among 6.0's columns gives the same split, as long
+    as no other column reaches it.
+    """
+    from helpers import outliers
+    from helpers.exercises import THRESHOLDS
+
+    activations = x.detach().cpu().to(torch.float16).float()
+    default = outliers.outlier_columns(activations, 6.0).tolist()
+    return max(t for t in THRESHOLDS if outliers.outlier_columns(activations, t).tolist() == default)
+
+
+# --- notebook 05 ------------------------------------------------------------------------------------------------
+
+
+def exercise_05_1() -> tuple[int, int, int, int]:
+    """Bytes one row of 13 codes takes when packed at 1, 2, 4 and 8 bits.
+
+    A byte holds 8 // bits codes; the row needs 13 / (8 // bits) bytes, rounded up: the last byte is padded.
+    """
+    return tuple(math.ceil(13 / (8 // bits)) for bits in (1, 2, 4, 8))
+
+
+def exercise_05_2(codes: torch.Tensor) -> torch.Tensor:
+    """Ten 3-bit codes to an int32, the first in the lowest bits (bits 0-2), the tenth in bits 27-29.
+
+    Widen to int32 before shifting (a uint8 would drop the shifted bits), shift code k of each group left by 3k, and
+    OR the ten together (no two overlap, so a sum does the same).
+    """
+    groups = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, 10)
+    shifts = torch.arange(0, 30, 3, dtype=torch.int32)
+    shifted = groups << shifts
+    word = shifted[..., 0]
+    for k in range(1, 10):
+        word = word | shifted[..., k]
+    return word
+
+
+def exercise_05_3() -> int:
+    """The smallest block size whose float32 scales cost no more bits per weight than double-quantized scales on
+    blocks of 64 (an 8-bit code per block, a float32 per 256 blocks), found by trying every size."""
+    double_quantized = 8 / 64 + 32 / (64 * 256)
+    for blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if 32 / blocksize <= double_quantized:
+            return blocksize
+    raise AssertionError("no block size is cheap enough")
+
+
+def exercise_05_4(packed: torch.Tensor, shape) -> torch.Tensor:
+    """The 4-bit codes of bitsandbytes' bytes: the first of each pair in the high nibble.
+
+    Split every byte into (byte >> 4, byte & 0xF), interleave them in that order, drop the padding nibble of an odd
+    count, and give the codes the weight's shape.
+    """
+    flat = packed.reshape(-1)
+    pairs = torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)
+    return pairs[: math.prod(shape)].reshape(tuple(shape))
+
+
+_SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4,
+              "01.1": exercise_01_1, "01.3": exercise_01_3, "01.4": exercise_01_4,
+              "02.2": exercise_02_2, "02.3": exercise_02_3,
+              "05.1": exercise_05_1, "05.3": exercise_05_3}
+_FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "05.2": exercise_05_2,
+              "05.4": exercise_05_4}
+
+
+def answer(key: str, **context: object) -> object:
+    """What a solved notebook passes to ``exercises.check(key, ...)``: a value, or the function itself.
+
+    ``context``: what the exercise is about (the notebook's ``model``, a tensor ``x``), for the exercises that need it.
+    """
     if key in _FUNCTIONS:
         return _FUNCTIONS[key]
     if key in _SOLUTIONS:
-        return _SOLUTIONS[key]()
+        return _SOLUTIONS[key](**context)
     raise KeyError(f"no solution for exercise {key!r}")
 
 

@@ -319,13 +319,17 @@ def damped_hessian(hessian: torch.Tensor, damping: float = GPTQ_DAMPING) -> torc
     return h
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The upper Cholesky factor U of ``(H + damping * mean(diag H) * I)^-1``: row i of U, divided by ``U[i, i]``,
-    says how the error made on column i is spread over the columns after it.
+    says how the error made on column i is spread over the columns after it. Computed in ``dtype``: float32 is
+    what GPTQ (and llmcompressor) use; float64 gives the exact factor to measure against.
 
     Columns whose inputs were always zero (``H[i, i] == 0``) get a 1 on the diagonal (their weights are irrelevant).
     """
-    h = damped_hessian(hessian, damping)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 (GPTQ's) or torch.float64, got {dtype!r}")
+    h = damped_hessian(hessian, damping).to(dtype)
     with one_thread():
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) != 0:
@@ -409,8 +413,8 @@ def objective_by_column(weight: torch.Tensor, quantized_weight: torch.Tensor, he
         raise ValueError(f"shapes disagree: weight {tuple(weight.shape)}, quantized {tuple(quantized_weight.shape)}, "
                          f"hessian {tuple(hessian.shape)} (it must be in_features x in_features)")
     delta = (weight - quantized_weight).to(torch.float32)
-    if compensated:
-        u = inverse_hessian_factor(hessian, damping)
+    if compensated:  # the factor computed in float64, then rounded: the sums stay exact to float32's precision
+        u = inverse_hessian_factor(hessian, damping, dtype=torch.float64).to(torch.float32)
         errors = torch.linalg.solve_triangular(u, delta, upper=True, left=False)  # E U = D
         return errors.to(torch.float64).square().sum(dim=0).cumsum(dim=0)
     terms = (delta.t() @ delta).to(torch.float64) * damped_hessian(hessian, damping).to(torch.float64)

@@ -283,6 +283,19 @@ def test_the_objective_by_column_ends_at_the_damped_objective_and_gptq_stays_bel
         objective_by_column(weight, gptq, hessian, "yes")
 
 
+def test_row_i_of_the_factor_is_the_free_columns_inverse_hessian_row_scaled():
+    # GPTQ's paper: once columns 0..i-1 are quantized, column i's error is spread by row i of the inverse Hessian of
+    # the free columns i.. (H[i:, i:]^-1), divided by its diagonal entry; row i of U carries it divided by its root
+    hessian = gptq_hessian(correlated_inputs(48, sequences=2, seed=4))
+    exact = inverse_hessian_factor(hessian, dtype=torch.float64)
+    for i in (0, 17, 47):
+        free = torch.linalg.inv(groupwise.damped_hessian(hessian)[i:, i:].double())[0]
+        assert torch.allclose(exact[i, i:], free / free[0].sqrt(), rtol=1e-9, atol=0)
+    assert torch.allclose(inverse_hessian_factor(hessian), exact.float(), rtol=1e-3, atol=1e-6)  # GPTQ's float32
+    with pytest.raises(ValueError, match="dtype must be torch.float32"):
+        inverse_hessian_factor(hessian, dtype=torch.float16)
+
+
 def test_layer_objective_is_the_output_error_on_the_calibration_inputs():
     inputs = correlated_inputs(64, sequences=3, seed=7)
     weight = random_weight(16, 64, seed=7)

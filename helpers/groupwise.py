@@ -13,10 +13,18 @@ llmcompressor writes), so our results can be compared with theirs bit for bit:
 * quantize: ``code = round(clamp(w / scale + zero_point, q_min, q_max))`` (round half to even);
 * dequantize: ``(code - zero_point) * scale``.
 
+Scales are kept in the weight's dtype unless ``scale_dtype`` asks for another (compressed-tensors' ``scale_dtype``):
+``torch.float16`` rounds each scale to float16 after the zero point was computed from the unrounded one, exactly as
+compressed-tensors does, and the weights are then quantized and dequantized with the rounded scale in the weight's
+dtype. Stored, codes and zero points take ``bits`` bits each (compressed-tensors' pack-quantized format packs both
+densely into int32 words), scales their dtype's bits.
+
 GPTQ (Frantar et al., 2022) keeps those scales, computed once from the original weights, and changes which code
 each weight gets: it quantizes one column at a time and pushes that column's rounding error onto the columns not
-quantized yet, weighted by the inverse Hessian of the layer objective ``||W X - W_hat X||^2``. With an identity
-Hessian (uncorrelated inputs) nothing is pushed and GPTQ is RTN exactly.
+quantized yet. With ``X`` the layer's calibration inputs as (tokens, in_features), the objective is the output error
+``||X W^T - X W_hat^T||^2``; for one row ``w`` it is ``1/2 (w - w_hat) H (w - w_hat)^T`` with the Hessian
+``H = 2 X^T X``. Each column's error is spread with the upper Cholesky factor of ``H^-1``. With an identity Hessian
+(uncorrelated inputs) nothing is pushed and GPTQ is RTN exactly.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ class GroupwiseQuantized(NamedTuple):
     """One weight matrix quantized group-wise: what would be stored.
 
     codes: int8 ``(out, in)``, each in ``[-2**(bits-1), 2**(bits-1) - 1]``; scales: ``(out, in // group_size)`` in the
-    weight's dtype; zero_points: int8 like ``scales`` (asymmetric), None (symmetric: zero is code 0).
+    weight's dtype, or in the ``scale_dtype`` asked for; zero_points: int8 like ``scales`` (asymmetric), None
+    (symmetric: zero is code 0); weight_dtype: the dtype dequantization computes and returns in (None: the scales').
     """
 
     codes: torch.Tensor
@@ -53,6 +62,7 @@ class GroupwiseQuantized(NamedTuple):
     group_size: int
     symmetric: bool
     shape: tuple[int, int]
+    weight_dtype: torch.dtype | None = None
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -87,15 +97,25 @@ def _check_symmetric(symmetric: object) -> bool:
     return symmetric
 
 
-def group_qparams(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales ``(out, groups)`` (weight dtype) and zero points (int8, or None when symmetric) from each group's range.
+def _check_scale_dtype(scale_dtype: object) -> torch.dtype | None:
+    if scale_dtype is not None and (not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point):
+        raise TypeError(f"scale_dtype must be None (the weight's dtype) or a floating torch dtype such as "
+                        f"torch.float16, got {scale_dtype!r}")
+    return scale_dtype
 
-    Same arithmetic, in the same order, as compressed-tensors' ``calculate_qparams`` on min/max observations.
+
+def group_qparams(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales ``(out, groups)`` and zero points (int8, or None when symmetric) from each group's range.
+
+    Same arithmetic, in the same order, as compressed-tensors' ``calculate_qparams`` on min/max observations: the
+    scales in the weight's dtype, or rounded to ``scale_dtype`` (and returned in it) after the zero points were
+    computed, a zero scale then becoming that dtype's epsilon.
     """
     _check_bits(bits)
     _check_weight(weight, group_size)
     _check_symmetric(symmetric)
+    _check_scale_dtype(scale_dtype)
     groups = weight.unflatten(-1, (-1, group_size))
     low = torch.amin(groups, dim=-1)
     high = torch.amax(groups, dim=-1)
@@ -109,7 +129,9 @@ def group_qparams(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
     else:
         scales = (high - low) / code_span
         zero_points = (q_min - low / scales).clamp(q_min, q_max)
-    scales = torch.where(scales == 0, torch.tensor(torch.finfo(weight.dtype).eps, dtype=weight.dtype), scales)
+    if scale_dtype is not None:  # stored in fewer bits: rounded (within the dtype's range) after the zero points
+        scales = scales.clamp(torch.finfo(scale_dtype).min, torch.finfo(scale_dtype).max).to(scale_dtype)
+    scales = torch.where(scales == 0, torch.tensor(torch.finfo(scales.dtype).eps, dtype=scales.dtype), scales)
     if zero_points is not None:
         zero_points = torch.round(torch.nan_to_num(zero_points, nan=0.0)).to(ZERO_POINT_DTYPE)
     return scales, zero_points
@@ -139,35 +161,40 @@ def dequantize_with(codes: torch.Tensor, scales: torch.Tensor, zero_points: torc
     return values * scales
 
 
-def quantize_groupwise(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> GroupwiseQuantized:
+def quantize_groupwise(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                       scale_dtype: torch.dtype | None = None) -> GroupwiseQuantized:
     """Round-to-nearest group-wise quantization of a 2-D weight: the baseline every other method is measured against.
+    ``scale_dtype`` (e.g. ``torch.float16``) stores the scales in that dtype; codes are computed with them.
 
     >>> q = quantize_groupwise(torch.tensor([[-7.5, 3.75, -2.5, 7.5]]), bits=4, group_size=4, symmetric=True)
     >>> q.codes.tolist(), q.scales.tolist()
     ([[-8, 4, -2, 7]], [[1.0]])
     """
-    scales, zero_points = group_qparams(weight, bits, group_size, symmetric)
-    codes = quantize_with(weight, _expand(scales, group_size),
+    scales, zero_points = group_qparams(weight, bits, group_size, symmetric, scale_dtype)
+    codes = quantize_with(weight, _expand(scales.to(weight.dtype), group_size),
                           None if zero_points is None else _expand(zero_points, group_size), bits)
     return GroupwiseQuantized(codes.to(CODE_DTYPE), scales, zero_points, bits, group_size, symmetric,
-                              (int(weight.shape[0]), int(weight.shape[1])))
+                              (int(weight.shape[0]), int(weight.shape[1])), weight.dtype)
 
 
 def dequantize_groupwise(q: GroupwiseQuantized) -> torch.Tensor:
-    """The weight the quantized model really multiplies by: ``(code - zero_point) * scale``, in the scales' dtype."""
+    """The weight the quantized model really multiplies by: ``(code - zero_point) * scale``, computed in the
+    original weight's dtype (the scales' dtype when it is not recorded)."""
     if not isinstance(q, GroupwiseQuantized):
         raise TypeError(f"expected a GroupwiseQuantized, got {type(q).__name__}")
     zero_points = None if q.zero_points is None else _expand(q.zero_points, q.group_size)
-    return dequantize_with(q.codes, _expand(q.scales, q.group_size), zero_points)
+    scales = q.scales if q.weight_dtype is None else q.scales.to(q.weight_dtype)
+    return dequantize_with(q.codes, _expand(scales, q.group_size), zero_points)
 
 
 def stored_bytes(q: GroupwiseQuantized) -> float:
-    """Bytes of what must be stored: codes at ``bits`` bits each, scales and zero points at their tensors' dtypes."""
+    """Bytes of what must be stored: codes and zero points at ``bits`` bits each (packed, as compressed-tensors'
+    pack-quantized format stores both), scales at their tensor's dtype."""
     if not isinstance(q, GroupwiseQuantized):
         raise TypeError(f"expected a GroupwiseQuantized, got {type(q).__name__}")
     total_bits = q.codes.numel() * q.bits + q.scales.numel() * q.scales.element_size() * 8
     if q.zero_points is not None:
-        total_bits += q.zero_points.numel() * q.zero_points.element_size() * 8
+        total_bits += q.zero_points.numel() * q.bits
     return total_bits / 8
 
 
@@ -176,10 +203,9 @@ def stored_bits_per_weight(q: GroupwiseQuantized) -> float:
     return stored_bytes(q) * 8 / q.codes.numel()
 
 
-def bits_per_weight_formula(bits: int, group_size: int, symmetric: bool, scale_bits: int = 32,
-                            zero_point_bits: int = 8) -> float:
-    """What ``stored_bits_per_weight`` must give: ``bits + (scale_bits [+ zero_point_bits]) / group_size``."""
-    return bits + (scale_bits + (0 if symmetric else zero_point_bits)) / group_size
+def bits_per_weight_formula(bits: int, group_size: int, symmetric: bool, scale_bits: int = 32) -> float:
+    """What ``stored_bits_per_weight`` must give: ``bits + (scale_bits [+ bits for the zero point]) / group_size``."""
+    return bits + (scale_bits + (0 if symmetric else bits)) / group_size
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -208,9 +234,9 @@ def layer_index_of(name: str) -> int | None:
 
 @torch.no_grad()
 def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: bool,
-                      layers: Iterable[int] | None = None) -> float:
+                      layers: Iterable[int] | None = None, scale_dtype: torch.dtype | None = None) -> float:
     """Replace every decoder-layer Linear weight (of the decoder layers ``layers``, default all) by its
-    round-to-nearest dequantized value, in place.
+    round-to-nearest dequantized value, in place, with scales stored in ``scale_dtype`` (default: the weight's).
 
     Returns the true bits per weight over those weights (codes + scales + zero points, as stored).
     """
@@ -221,7 +247,7 @@ def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: b
     for name, module in decoder_linears(model):
         if chosen is not None and layer_index_of(name) not in chosen:
             continue
-        q = quantize_groupwise(module.weight.data, bits, group_size, symmetric)
+        q = quantize_groupwise(module.weight.data, bits, group_size, symmetric, scale_dtype)
         module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
         stored += stored_bytes(q)
         count += module.weight.numel()
@@ -234,8 +260,9 @@ def round_to_nearest_(model: nn.Module, bits: int, group_size: int, symmetric: b
 
 
 def gptq_hessian(inputs: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The Hessian of the layer objective ``||W X - W_hat X||^2`` with respect to a row of W: ``2 X^T X``, averaged
-    over calibration samples, in float32.
+    """The Hessian of the layer objective ``||X W^T - X W_hat^T||^2`` (``X``: the inputs as (tokens, in_features))
+    with respect to a row of W: ``H = 2 X^T X``, so that a row's share is ``1/2 (w - w_hat) H (w - w_hat)^T``;
+    averaged over calibration samples, in float32.
 
     ``inputs``: what the layer received, one tensor per forward call, shaped ``(batch, tokens, in_features)`` or
     ``(tokens, in_features)``. Like llmcompressor, the sum of ``2 x^T x`` over every token is divided by the number
@@ -278,12 +305,9 @@ class one_thread:
         return False
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING) -> torch.Tensor:
-    """The upper Cholesky factor U of ``(H + damping * mean(diag H) * I)^-1``: row i of U, divided by ``U[i, i]``,
-    says how the error made on column i is spread over the columns after it.
-
-    Columns whose inputs were always zero (``H[i, i] == 0``) get a 1 on the diagonal (their weights are irrelevant).
-    """
+def damped_hessian(hessian: torch.Tensor, damping: float = GPTQ_DAMPING) -> torch.Tensor:
+    """The Hessian GPTQ really inverts (float32): ``H + damping * mean(diag H) * I``, with a 1 first put on the
+    diagonal of columns whose inputs were always zero."""
     if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian must be a square 2-D tensor, got {getattr(hessian, 'shape', hessian)!r}")
     if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
@@ -292,6 +316,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING)
     diagonal = torch.diagonal(h)
     diagonal.masked_fill_(diagonal == 0, 1.0)
     diagonal.add_(damping * torch.mean(torch.diag(h)))
+    return h
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The upper Cholesky factor U of ``(H + damping * mean(diag H) * I)^-1``: row i of U, divided by ``U[i, i]``,
+    says how the error made on column i is spread over the columns after it. Computed in ``dtype``: float32 is
+    what GPTQ (and llmcompressor) use; float64 gives the exact factor to measure against.
+
+    Columns whose inputs were always zero (``H[i, i] == 0``) get a 1 on the diagonal (their weights are irrelevant).
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 (GPTQ's) or torch.float64, got {dtype!r}")
+    h = damped_hessian(hessian, damping).to(dtype)
     with one_thread():
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) != 0:
@@ -301,15 +339,16 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = GPTQ_DAMPING)
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  block_size: int = GPTQ_BLOCK_SIZE, damping: float = GPTQ_DAMPING) -> GroupwiseQuantized:
+                  block_size: int = GPTQ_BLOCK_SIZE, damping: float = GPTQ_DAMPING,
+                  scale_dtype: torch.dtype | None = None) -> GroupwiseQuantized:
     """GPTQ: quantize ``weight`` column by column, pushing each column's rounding error onto the columns not yet
     quantized so that the layer's output on the calibration inputs (summarised by ``hessian``) changes least.
 
-    Scales and zero points are RTN's, from the original weights (static groups); only the codes change. Columns go
-    in their natural order; the error of a block of ``block_size`` columns reaches the later columns in one
-    matrix product (lazy batch updates: the same result, fewer memory passes).
+    Scales and zero points are RTN's, from the original weights (static groups; stored in ``scale_dtype``, default
+    the weight's); only the codes change. Columns go in their natural order; the error of a block of ``block_size``
+    columns reaches the later columns in one matrix product (lazy batch updates: the same result, fewer passes).
     """
-    scales, zero_points = group_qparams(weight, bits, group_size, symmetric)
+    scales, zero_points = group_qparams(weight, bits, group_size, symmetric, scale_dtype)
     columns = weight.shape[1]
     if tuple(hessian.shape) != (columns, columns):
         raise ValueError(f"hessian must be ({columns}, {columns}) for a weight with {columns} input features, "
@@ -339,14 +378,47 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         w[:, end:] -= errors.t().contiguous().matmul(u[start:end, end:])
     codes = codes.t().to(CODE_DTYPE)
     return GroupwiseQuantized(codes, scales, zero_points, bits, group_size, symmetric,
-                              (int(weight.shape[0]), int(weight.shape[1])))
+                              (int(weight.shape[0]), int(weight.shape[1])), weight.dtype)
 
 
 def layer_objective(weight: torch.Tensor, quantized_weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``trace((W - W_hat) H (W - W_hat)^T)``: the layer's output error ``||W X - W_hat X||^2`` on the calibration
-    inputs (scaled as the Hessian is), computed from the Hessian alone."""
+    """``trace((W - W_hat) H (W - W_hat)^T)``: with ``H = 2 X^T X`` (over sequences, as ``gptq_hessian``), twice the
+    layer's output error ``||X W^T - X W_hat^T||^2`` on the calibration inputs, computed from the Hessian alone."""
     delta = (weight - quantized_weight).to(torch.float64)
     return float(torch.einsum("ij,jk,ik->", delta, hessian.to(torch.float64), delta))
+
+
+def objective_by_column(weight: torch.Tensor, quantized_weight: torch.Tensor, hessian: torch.Tensor,
+                        compensated: bool, damping: float = GPTQ_DAMPING) -> torch.Tensor:
+    """The layer objective once the first ``j + 1`` columns hold ``quantized_weight``'s values, for every ``j``:
+    a float64 tensor ``(columns,)``, with GPTQ's damped Hessian ``H_d`` (``damped_hessian``). D = W - W_hat.
+
+    ``compensated=False``: the other columns keep their original weights, as in round-to-nearest, where no error
+    is pushed anywhere: ``trace(D[:, :j+1] H_d[:j+1, :j+1] D[:, :j+1]^T)``.
+    ``compensated=True``: the other columns take the real values that make the objective smallest given the fixed
+    ones, which is where GPTQ's loop stands after column ``j``: ``sum_{k <= j} ||E[:, k]||^2`` with ``E = D U^-1``
+    and ``U`` the upper Cholesky factor of ``H_d^-1``. For GPTQ's own result, column k of E is the scaled error
+    its loop pushed onto the later columns (``errors[i]`` in ``gptq_quantize``; llmcompressor reports half the sum
+    of their squares as its loss).
+
+    Both end at ``trace(D H_d D^T)``, ``layer_objective`` with the damped Hessian.
+    """
+    if not isinstance(compensated, bool):
+        raise TypeError(f"compensated must be True or False, got {compensated!r}")
+    for name, value in (("weight", weight), ("quantized_weight", quantized_weight)):
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D float tensor (out_features, in_features), got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+    if weight.shape != quantized_weight.shape or tuple(hessian.shape) != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"shapes disagree: weight {tuple(weight.shape)}, quantized {tuple(quantized_weight.shape)}, "
+                         f"hessian {tuple(hessian.shape)} (it must be in_features x in_features)")
+    delta = (weight - quantized_weight).to(torch.float32)
+    if compensated:  # the factor computed in float64, then rounded: the sums stay exact to float32's precision
+        u = inverse_hessian_factor(hessian, damping, dtype=torch.float64).to(torch.float32)
+        errors = torch.linalg.solve_triangular(u, delta, upper=True, left=False)  # E U = D
+        return errors.to(torch.float64).square().sum(dim=0).cumsum(dim=0)
+    terms = (delta.t() @ delta).to(torch.float64) * damped_hessian(hessian, damping).to(torch.float64)
+    return terms.cumsum(dim=0).cumsum(dim=1).diagonal().clone()
 
 
 class _StopForward(Exception):
@@ -401,7 +473,7 @@ def layer_inputs(model: nn.Module, layer_index: int, calibration: torch.Tensor) 
 @torch.no_grad()
 def gptq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                 layers: Iterable[int] | None = None, block_size: int = GPTQ_BLOCK_SIZE,
-                damping: float = GPTQ_DAMPING) -> float:
+                damping: float = GPTQ_DAMPING, scale_dtype: torch.dtype | None = None) -> float:
     """GPTQ over decoder layers (all, or ``layers``), in place, one layer after the other as llmcompressor does:
     each layer is calibrated on the outputs of the layers already quantized before it. Returns the true bits per
     weight over the weights it quantized."""
@@ -416,7 +488,7 @@ def gptq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_si
         for name, module in all_layers[index].named_modules():
             if isinstance(module, nn.Linear):
                 q = gptq_quantize(module.weight.data, gptq_hessian(inputs.pop(name)), bits, group_size, symmetric,
-                                  block_size, damping)
+                                  block_size, damping, scale_dtype)
                 module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
                 stored += stored_bytes(q)
                 count += module.weight.numel()
@@ -441,14 +513,14 @@ def _output_error(x: torch.Tensor, gram: torch.Tensor | None, weights: list[torc
 
 @torch.no_grad()
 def awq_search(weights: list[torch.Tensor], inputs: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-               grid: int = AWQ_GRID) -> tuple[float, torch.Tensor, list[float]]:
+               grid: int = AWQ_GRID, scale_dtype: torch.dtype | None = None) -> tuple[float, torch.Tensor, list[float]]:
     """AWQ's search for one group of Linears that read the same input (q/k/v, or gate/up, or down).
 
     Input channel j is scaled by ``s_j = mean|x_j| ** alpha`` (normalised so that ``sqrt(max s * min s) = 1``):
     the weights of busy channels get bigger before rounding, so relatively less rounding error, and the inverse
     scale is folded into whatever produces x (the RMSNorm weight, or the previous Linear), which costs nothing at
     run time. Returns the best alpha, its scales, and the output error ``sum ||X W^T - X Q(W s)/s^T||^2`` for every
-    alpha tried (alpha = 0 is plain round-to-nearest).
+    alpha tried (alpha = 0 is plain round-to-nearest). ``scale_dtype``: the dtype the group scales are stored in.
     """
     if not weights or any(w.shape[1] != inputs.shape[-1] for w in weights):
         raise ValueError("every weight must have in_features equal to the inputs' last dimension")
@@ -462,8 +534,8 @@ def awq_search(weights: list[torch.Tensor], inputs: torch.Tensor, bits: int, gro
         alpha = step / grid
         scales = activity.pow(alpha).clamp(min=1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()
-        quantized = [dequantize_groupwise(quantize_groupwise(w * scales, bits, group_size, symmetric)) / scales
-                     for w in weights]
+        quantized = [dequantize_groupwise(quantize_groupwise(w * scales, bits, group_size, symmetric, scale_dtype))
+                     / scales for w in weights]
         errors.append(_output_error(x, gram, weights, quantized))
         if best[0] is None or errors[-1] < errors[best[0]]:
             best = (step, scales)
@@ -472,7 +544,8 @@ def awq_search(weights: list[torch.Tensor], inputs: torch.Tensor, bits: int, gro
 
 @torch.no_grad()
 def awq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-               layers: Iterable[int] | None = None, grid: int = AWQ_GRID) -> float:
+               layers: Iterable[int] | None = None, grid: int = AWQ_GRID, scale_dtype: torch.dtype | None = None
+               ) -> float:
     """AWQ over decoder layers (all, or ``layers``), in place, layer after layer: search and fold the scales of
     (input_layernorm -> q, k, v), (post_attention_layernorm -> gate, up) and (up -> down), then round every Linear
     of the layer to nearest. o_proj is only rounded (its input comes through attention, not straight from v_proj
@@ -491,7 +564,8 @@ def awq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_siz
                   (None, mlp.up_proj, [mlp.down_proj], "mlp.down_proj")]
         for norm_weight, previous, linears, input_name in groups:
             x = torch.cat(inputs[input_name], dim=1)
-            _, scales, _ = awq_search([m.weight.data.float() for m in linears], x, bits, group_size, symmetric, grid)
+            _, scales, _ = awq_search([m.weight.data.float() for m in linears], x, bits, group_size, symmetric, grid,
+                                      scale_dtype)
             scales = scales.to(linears[0].weight.dtype)
             if norm_weight is not None:
                 norm_weight.data.div_(scales)
@@ -501,7 +575,7 @@ def awq_model_(model: nn.Module, calibration: torch.Tensor, bits: int, group_siz
                 m.weight.data.mul_(scales)
         for _, module in layer.named_modules():
             if isinstance(module, nn.Linear):
-                q = quantize_groupwise(module.weight.data, bits, group_size, symmetric)
+                q = quantize_groupwise(module.weight.data, bits, group_size, symmetric, scale_dtype)
                 module.weight.data.copy_(dequantize_groupwise(q).to(module.weight.dtype))
                 stored += stored_bytes(q)
                 count += module.weight.numel()
@@ -526,6 +600,10 @@ class ComparisonPlan:
     calibration_sequences: int
     eval_windows: int
     reason: str
+    scale_dtype: torch.dtype = torch.float16
+    """What every group-wise method here stores its scales (and HQQ its zero points) in: 16 bits, as GGUF stores its
+    block scales and the shipped formats store theirs (compressed-tensors in the model's 16-bit dtype, HQQ in its
+    16-bit compute dtype), so that bits per weight compare like with like."""
 
     def with_bit_widths(self, bit_widths) -> "ComparisonPlan":
         """The same plan at the first of its bit widths only (``helpers.workload``: fewer under a small workload);
@@ -607,24 +685,40 @@ def restore_decoder_weights_(model: nn.Module, backup: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def hqq_model_(model: nn.Module, bits: int, group_size: int) -> float:
-    """HQQ through its own library (``hqq.core.quantize.Quantizer``), on every decoder-layer Linear, in place.
+def hqq_quantize(weight: torch.Tensor, bits: int, group_size: int, meta_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, dict]:
+    """One weight through HQQ's own library (``hqq.core.quantize.Quantizer``): ``(packed codes, meta)``.
 
     HQQ needs no calibration data: per group of ``group_size`` weights it starts from min/max like RTN, then
-    optimises the zero point (a few proximal steps against an Lp<1 error that tolerates outliers). Codes are
-    unsigned and packed by HQQ; scales and zero points stay in the compute dtype. Returns the true bits per weight
-    counted from HQQ's stored tensors (3-bit codes are packed ten per 32-bit word).
+    optimises the zero point (a few proximal steps against an Lp<1 error that tolerates outliers), in float32.
+    Codes are unsigned and packed by HQQ (3-bit codes ten per 32-bit word); the scale and the fractional zero point
+    of each group are stored in ``meta_dtype``. HQQ ships them in its 16-bit compute dtype (``HQQLinear`` with
+    ``compute_dtype=torch.float16`` casts them so; its 8-bit "quantized meta-data" is deprecated): pass
+    ``torch.float16`` for that; None keeps the float32 that ``Quantizer.quantize`` returns. The meta's
+    ``compute_dtype`` is float32: ``Quantizer.dequantize`` computes in float32 from the stored values.
     """
     from hqq.core.quantize import Quantizer
 
     _check_bits(bits)
+    _check_scale_dtype(meta_dtype)
+    packed, meta = Quantizer.quantize(weight, nbits=bits, group_size=group_size, axis=1, optimize=True,
+                                      round_zero=bits == 4, compute_dtype=torch.float32, device=str(weight.device))
+    if meta_dtype is not None:
+        meta["scale"], meta["zero"] = meta["scale"].to(meta_dtype), meta["zero"].to(meta_dtype)
+    meta["compute_dtype"] = torch.float32
+    return packed, meta
+
+
+@torch.no_grad()
+def hqq_model_(model: nn.Module, bits: int, group_size: int, meta_dtype: torch.dtype | None = None) -> float:
+    """``hqq_quantize`` on every decoder-layer Linear, in place (the weight becomes HQQ's dequantized one). Returns
+    the true bits per weight counted from the stored tensors: packed codes, scales and zero points."""
+    from hqq.core.quantize import Quantizer
+
     stored, count = 0, 0
     for _, module in decoder_linears(model):
         weight = module.weight.data
-        packed, meta = Quantizer.quantize(weight, nbits=bits, group_size=group_size, axis=1, optimize=True,
-                                          round_zero=bits == 4, compute_dtype=torch.float32,
-                                          device=str(weight.device))
-        meta["compute_dtype"] = torch.float32
+        packed, meta = hqq_quantize(weight, bits, group_size, meta_dtype)
         module.weight.data.copy_(Quantizer.dequantize(packed, meta).to(weight.dtype))
         stored += sum(t.numel() * t.element_size() * 8 for t in (packed, meta["scale"], meta["zero"]))
         count += weight.numel()

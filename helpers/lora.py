@@ -1097,6 +1097,79 @@ def apply_loftq_(peft_model, original_weight, split_for_scaling: bool = True, ad
     return ratios
 
 
+@dataclass(frozen=True)
+class LoftQSteps:
+    """What ``loftq_alternation`` found: the weight error after each step, and where the last step left the layer."""
+
+    errors: tuple[float, ...]  # ||W - Q_t - L_t|| / ||W - Q_1|| after step t = 1, 2, ... (1.0 = the default start)
+    quantized: torch.Tensor  # Q of the last step, dequantized: the 4-bit base it would need
+    low_rank: torch.Tensor  # L of the last step: the best rank-r approximation of W - Q, what scaling * B @ A holds
+
+
+def loftq_alternation(weight: torch.Tensor, quantized: torch.Tensor, quantize, rank: int, steps: int) -> LoftQSteps:
+    """LoftQ's alternation (Li et al., 2023; peft's ``LoftQConfig(loftq_iter=steps)``), on one weight.
+
+    Step 1 starts from ``quantized`` = Q(W), the 4-bit weight the model already holds, and takes ``L_1``, the best
+    rank-``rank`` approximation of ``W - Q_1`` (an SVD, split as peft splits it). That is all peft's
+    ``replace_lora_weights_loftq`` (and this course's ``apply_loftq_``) does: it cannot change a base that is
+    already quantized. Each further step quantizes again what the low-rank part leaves, ``Q_{t+1} =
+    quantize(W - L_t)`` (``quantize`` returns the dequantized weight), then approximates ``W - Q_{t+1}`` again:
+    only ``init_lora_weights="loftq"``, which quantizes the base itself, can do that. Computed in float32.
+    """
+    for name, value in (("weight", weight), ("quantized", quantized)):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D float tensor (out, in), got "
+                             f"{getattr(value, 'shape', type(value).__name__)}.")
+    if weight.shape != quantized.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and quantized {tuple(quantized.shape)} differ in shape.")
+    if not callable(quantize):
+        raise TypeError("quantize must be a function from a weight to its dequantized quantized value.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int (1 = LoftQ's first step only), got {steps!r}.")
+    weight, current = weight.float(), quantized.float()
+    first_error = (weight - current).norm()
+    errors = []
+    for step in range(steps):
+        if step > 0:
+            current = quantize(weight - low_rank).float()
+        residual = weight - current
+        A, B = _split(*_top_singular(residual, _check_rank(rank)), 1.0)
+        low_rank = B @ A
+        errors.append(((residual - low_rank).norm() / first_error).item())
+    return LoftQSteps(tuple(errors), current, low_rank)
+
+
+def trl_cast_report(trainable: Sequence[torch.Tensor], quantized_base: bool, hardware) -> str:
+    """What trl's ``SFTTrainer`` did to the LoRA matrices' dtype, when it does it, and what that means on this
+    hardware (pure, given the parameters and a ``helpers.environment.Hardware``).
+
+    trl 1.16 (``SFTTrainer.__init__``) casts every trainable parameter but DoRA's magnitude vector to bfloat16
+    when the model was loaded in 4 or 8 bits (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``), whatever ``bf16=``
+    and ``fp16=`` say, following the QLoRA paper. A GPU without native bfloat16 (compute capability below 8.0: a
+    T4) then trains the adapter in emulated bfloat16.
+    """
+    if not isinstance(quantized_base, bool):
+        raise TypeError(f"quantized_base must be True or False, got {quantized_base!r}.")
+    dtypes = sorted({str(p.dtype) for p in trainable})
+    lines = [f"LoRA dtypes after SFTTrainer(...): {dtypes}"]
+    if not quantized_base:
+        return lines[0] + " (trl casts to bfloat16 only on a base loaded in 4 or 8 bits)"
+    lines.append("  trl casts every trainable parameter to bfloat16 on a base loaded in 4 or 8 bits, "
+                 "whatever bf16= and fp16= say")
+    if hardware.device != "cuda":
+        lines.append("  on a GPU without native bfloat16 (a T4: compute capability 7.5) they would train in emulated "
+                     "bfloat16; this notebook casts them back to float32 below")
+    elif not hardware.bf16_native:
+        major, minor = hardware.compute_capability or (0, 0)
+        lines.append(f"  WARNING: {hardware.gpu_name} (compute capability {major}.{minor}) has no native bfloat16: a "
+                     "plain SFTTrainer run trains the adapter in emulated bfloat16 (slower, 8 significant bits per "
+                     "update); this notebook casts them back to float32 below, do the same in your own runs")
+    else:
+        lines.append(f"  {hardware.gpu_name} computes bfloat16 natively: the cast costs precision (8 significant "
+                     "bits), not speed; this notebook casts them back to float32 below to compare with the loop")
+    return "\n".join(lines)
+
+
 def peft_loftq_runs_here(on_gpu: bool) -> tuple[bool, str]:
     """Whether peft's own LoftQ (``replace_lora_weights_loftq``) can run here, and why (pure)."""
     if not isinstance(on_gpu, bool):

@@ -471,3 +471,59 @@ def adapter_claims(profile_name: str, base: PricerScores, adapted: PricerScores)
     if profile_name in ("llama-3.2-3b", "llama-3.1-8b"):
         return {"the adapted model answers with a price on at least half the items": adapted.format_share >= 0.5}
     raise ValueError(f"No adapter claims for profile {profile_name!r}: add them to helpers.pricer.adapter_claims.")
+
+
+def commonest_answer(completions: Sequence[str]) -> tuple[int | None, int, int]:
+    """``(price, times, distinct)``: the price the completions state most often (the first of equals, None when
+    none parses), how many completions state it, and how many different prices they state."""
+    if not completions:
+        raise ValueError("No completions: answer some items first.")
+    parsed = [value for value in (parse_price(text) for text in completions) if value is not None]
+    if not parsed:
+        return None, 0, 0
+    counts = {value: parsed.count(value) for value in dict.fromkeys(parsed)}
+    price = max(counts, key=counts.get)
+    return price, counts[price], len(counts)
+
+
+def short_run_verdict(completions: Sequence[str], adapted: PricerScores, category_median: PricerScores) -> str:
+    """What a training run learned, in one plain sentence computed from its answers (notebook 06): how many
+    different prices it gives, and whether it beats guessing the category's median price."""
+    price, times, distinct = commonest_answer(completions)
+    if price is None:
+        learned = "no answer in the right format: it has not even learned the format yet"
+    elif 2 * times >= len(completions):
+        prices = "one price" if distinct == 1 else f"{distinct} different prices"
+        learned = (f"{prices} in {len(completions)} answers, {price} in {times} of them: it learned the answer's "
+                   "format and close to one constant price, not to read the items")
+    else:
+        learned = f"{distinct} different prices in {len(completions)} answers: it reads something of each item"
+    mae, baseline = adapted.mean_absolute_error, category_median.mean_absolute_error
+    compared = ("worse than that trivial baseline" if mae > baseline else "better than that trivial baseline")
+    return (f"{learned}; mean absolute error ${mae:.2f} against ${baseline:.2f} for guessing the category median, "
+            f"{compared}")
+
+
+SHORT_RUN_NOT_MEASURED = "the course measured the short run on the tiny profile only"
+"""Why the Hub profiles' short runs are not held to the tiny profile's claims."""
+
+
+def short_run_claims(profile_name: str, completions: Sequence[str], adapted: PricerScores,
+                     yardsticks: dict[str, PricerScores]) -> dict[str, bool | NotChecked]:
+    """What notebook 06 claims about its short run (a few dozen steps) on the pricer items, per profile (pure).
+
+    On the tiny profile the run learns the format and a near-constant price before it learns to read the items:
+    one price for at least half of them, and an error above guessing the category median. The Hub profiles train
+    another model for another number of steps: the same claims come back as ``NotChecked``.
+    """
+    if "category median" not in yardsticks:
+        raise ValueError("Pass the dict yardstick_scores returns (it holds a 'category median' entry).")
+    claims = ["the short run answers one price for at least half of the items",
+              "the short run prices worse than guessing the category median"]
+    if profile_name == "tiny":
+        _, times, _ = commonest_answer(completions)
+        return dict(zip(claims, (2 * times >= len(completions),
+                                 adapted.mean_absolute_error > yardsticks["category median"].mean_absolute_error)))
+    if profile_name in ("llama-3.2-3b", "llama-3.1-8b"):
+        return {claim: NotChecked(SHORT_RUN_NOT_MEASURED) for claim in claims}
+    raise ValueError(f"No short-run claims for profile {profile_name!r}: add them to helpers.pricer.short_run_claims.")

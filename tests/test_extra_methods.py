@@ -103,6 +103,24 @@ def test_hqq_round_trip_counts_its_stored_bits():
     assert 0 < float(error) < 0.2
     # 3-bit codes go ten to a 32-bit word (3.2 bits each, plus padding of the last word of a group's column)
     assert 3.2 + 1.0 <= groupwise.hqq_model_(tiny_llama(), bits=3, group_size=64) < 3.5 + 1.0
+    # scale and zero point in float16, as HQQ ships them: 4 + 2 * 16 / 64
+    assert groupwise.hqq_model_(tiny_llama(), bits=4, group_size=64, meta_dtype=torch.float16) == 4.5
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_hqq_with_float16_meta_stores_what_hqqlinear_stores(bits):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linear = tiny_llama().model.layers[0].mlp.up_proj
+    weight = linear.weight.detach().clone()
+    packed, meta = groupwise.hqq_quantize(weight, bits, 64, meta_dtype=torch.float16)
+    shipped = HQQLinear(linear, quant_config=BaseQuantizeConfig(nbits=bits, group_size=64),
+                        compute_dtype=torch.float16, device="cpu")  # HQQ's own layer, in its usual 16-bit dtype
+    assert torch.equal(packed, shipped.W_q)
+    assert meta["scale"].dtype == meta["zero"].dtype == shipped.meta["scale"].dtype == torch.float16
+    assert torch.equal(meta["scale"], shipped.meta["scale"]) and torch.equal(meta["zero"], shipped.meta["zero"])
+    with pytest.raises(TypeError, match="scale_dtype must be None"):
+        groupwise.hqq_quantize(weight, bits, 64, meta_dtype=torch.int8)
 
 
 def test_gguf_py_reads_its_own_quantization_sizes():

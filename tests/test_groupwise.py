@@ -13,6 +13,7 @@ from helpers.groupwise import (
     gptq_quantize,
     inverse_hessian_factor,
     layer_objective,
+    objective_by_column,
     quantize_groupwise,
     round_to_nearest_,
     stored_bits_per_weight,
@@ -61,6 +62,21 @@ def test_zero_is_always_representable_and_an_all_zero_group_stays_zero():
     assert q.scales[0, 1] == torch.tensor(4.0) / 7 and q.zero_points[0, 1] == -4
 
 
+def test_float16_scales_are_rounded_by_hand_and_an_all_zero_group_gets_float16_epsilon():
+    weight = torch.tensor([[1.0, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    q = quantize_groupwise(weight, bits=4, group_size=4, symmetric=True, scale_dtype=torch.float16)
+    # scale = 1 / 7.5 = 0.1333...: stored as the nearest float16, 0.13330078125 (= 273 / 2048)
+    assert q.scales.dtype == torch.float16 and q.scales[0, 0].item() == 273 / 2048
+    # 1 / 0.13330078125 = 7.5018 is clamped to 7; -0.5 -> -3.751 -> -4; 0.25 -> 1.875 -> 2
+    assert q.codes[0, :4].tolist() == [7, -4, 2, 0]
+    # dequantized in the weight's float32 from the stored scale: 7 * 273 / 2048 = 0.93310546875
+    assert dequantize_groupwise(q).dtype == torch.float32
+    assert dequantize_groupwise(q)[0, :4].tolist() == [7 * 273 / 2048, -4 * 273 / 2048, 2 * 273 / 2048, 0.0]
+    assert q.scales[0, 1].item() == torch.finfo(torch.float16).eps == 2 ** -10  # all zero: float16's epsilon
+    with pytest.raises(TypeError, match="scale_dtype must be None"):
+        quantize_groupwise(weight, 4, 4, True, scale_dtype=torch.int8)
+
+
 def test_codes_stay_in_range_and_the_error_is_at_most_half_a_step_inside_the_range():
     weight = random_weight(16, 64)
     for bits in groupwise.SUPPORTED_BITS:
@@ -84,8 +100,9 @@ def test_more_bits_never_hurt_on_this_weight():
 # --- the library's own quantizer: equal bit for bit ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("scale_dtype", [None, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_equals_compressed_tensors_fake_quantize_bit_for_bit(symmetric):
+def test_equals_compressed_tensors_fake_quantize_bit_for_bit(symmetric, scale_dtype):
     from compressed_tensors.quantization import QuantizationArgs, fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
@@ -94,13 +111,15 @@ def test_equals_compressed_tensors_fake_quantize_bit_for_bit(symmetric):
             weight = random_weight(24, 128, seed=bits)
             weight[0, :group_size] = 0  # an all-zero group
             weight[1] = weight[1].abs()  # groups that do not span zero
-            args = QuantizationArgs(num_bits=bits, symmetric=symmetric, group_size=group_size, strategy="group")
+            weight[2] *= 1e-6  # scales that float16 keeps only as subnormals
+            args = QuantizationArgs(num_bits=bits, symmetric=symmetric, group_size=group_size, strategy="group",
+                                    scale_dtype=scale_dtype)
             groups = weight.unflatten(-1, (-1, group_size))
             scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
             reference = fake_quantize(weight, scale, None if symmetric else zero_point, args)
-            q = quantize_groupwise(weight, bits, group_size, symmetric)
+            q = quantize_groupwise(weight, bits, group_size, symmetric, scale_dtype=scale_dtype)
             assert torch.equal(dequantize_groupwise(q), reference)
-            assert torch.equal(q.scales, scale)
+            assert q.scales.dtype == (scale_dtype or weight.dtype) and torch.equal(q.scales.to(scale.dtype), scale)
             if not symmetric:
                 assert torch.equal(q.zero_points[1:], zero_point[1:])
 
@@ -115,10 +134,14 @@ def test_stored_bits_per_weight_equals_the_formula():
             for symmetric in (True, False):
                 q = quantize_groupwise(weight, bits, group_size, symmetric)
                 assert stored_bits_per_weight(q) == bits_per_weight_formula(bits, group_size, symmetric)
-    # by hand: 4-bit codes, one float32 scale and one int8 zero point per 64 weights: 4 + 40 / 64 = 4.625
-    assert stored_bits_per_weight(quantize_groupwise(weight, 4, 64, False)) == 4.625
+                q16 = quantize_groupwise(weight, bits, group_size, symmetric, scale_dtype=torch.float16)
+                assert stored_bits_per_weight(q16) == bits_per_weight_formula(bits, group_size, symmetric, 16)
+    # by hand: 4-bit codes, one float32 scale and one 4-bit zero point (packed like the codes) per 64 weights
+    assert stored_bits_per_weight(quantize_groupwise(weight, 4, 64, False)) == 4 + 36 / 64 == 4.5625
     assert stored_bits_per_weight(quantize_groupwise(weight, 4, 64, True)) == 4.5
     assert stored_bits_per_weight(quantize_groupwise(weight.half(), 4, 64, True)) == 4.25
+    # float16 scales, as GGUF and the shipped formats store them: 4 + (16 + 4) / 64
+    assert stored_bits_per_weight(quantize_groupwise(weight, 4, 64, False, torch.float16)) == 4.3125
 
 
 def tiny_llama(seed=0):
@@ -134,7 +157,7 @@ def test_round_to_nearest_replaces_exactly_the_decoder_linears():
     model = tiny_llama()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     bits_per_weight = round_to_nearest_(model, bits=3, group_size=32, symmetric=False)
-    assert bits_per_weight == bits_per_weight_formula(3, 32, False) == 3 + 40 / 32
+    assert bits_per_weight == bits_per_weight_formula(3, 32, False) == 3 + 35 / 32
     linears = dict(groupwise.decoder_linears(model))
     assert len(linears) == 2 * 7
     for name, parameter in model.named_parameters():
@@ -156,16 +179,19 @@ def correlated_inputs(columns, sequences, seed, tokens=24):
     return [torch.randn(1, tokens, columns, generator=generator) @ mixing for _ in range(sequences)]
 
 
-GPTQ_CASES = [  # rows, columns, group_size, bits, symmetric, sequences, block_size
-    (64, 256, 64, 4, True, 4, 128),
-    (48, 192, 32, 3, False, 3, 128),  # a last block narrower than block_size
-    (32, 128, 64, 2, False, 5, 32),
-    (16, 128, 16, 8, True, 2, 64),
+GPTQ_CASES = [  # rows, columns, group_size, bits, symmetric, sequences, block_size, scale_dtype
+    (64, 256, 64, 4, True, 4, 128, None),
+    (48, 192, 32, 3, False, 3, 128, None),  # a last block narrower than block_size
+    (32, 128, 64, 2, False, 5, 32, None),
+    (16, 128, 16, 8, True, 2, 64, None),
+    (48, 192, 64, 3, False, 3, 128, torch.float16),  # notebook 07's float16 scales
+    (32, 128, 32, 4, True, 2, 64, torch.float16),
 ]
 
 
-@pytest.mark.parametrize("rows, columns, group_size, bits, symmetric, sequences, block_size", GPTQ_CASES)
-def test_gptq_equals_llmcompressor_bit_for_bit(rows, columns, group_size, bits, symmetric, sequences, block_size):
+@pytest.mark.parametrize("rows, columns, group_size, bits, symmetric, sequences, block_size, scale_dtype", GPTQ_CASES)
+def test_gptq_equals_llmcompressor_bit_for_bit(rows, columns, group_size, bits, symmetric, sequences, block_size,
+                                               scale_dtype):
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
@@ -182,17 +208,21 @@ def test_gptq_equals_llmcompressor_bit_for_bit(rows, columns, group_size, bits, 
     assert torch.equal(gptq_hessian(inputs), hessian)
     # the library's GPTQ (natural column order: actorder=None), with its observer's static group scales
     args = QuantizationArgs(num_bits=bits, symmetric=symmetric, group_size=group_size, strategy="group",
-                            actorder=None)
+                            actorder=None, scale_dtype=scale_dtype)
     groups = weight.unflatten(-1, (-1, group_size))
     scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
     with groupwise.one_thread():  # LAPACK's last bits depend on the thread count: both factorise on one thread
-        expected, _, fell_back_to_rtn = quantize_weight(weight.unsqueeze(0).clone(), hessian.unsqueeze(0).clone(),
-                                                        scale.unsqueeze(0), zero_point.unsqueeze(0), None, args,
-                                                        blocksize=block_size, percdamp=0.01)
+        expected, loss, fell_back_to_rtn = quantize_weight(weight.unsqueeze(0).clone(), hessian.unsqueeze(0).clone(),
+                                                           scale.unsqueeze(0), zero_point.unsqueeze(0), None, args,
+                                                           blocksize=block_size, percdamp=0.01)
     assert not bool(fell_back_to_rtn)
-    q = gptq_quantize(weight, gptq_hessian(inputs), bits, group_size, symmetric, block_size=block_size)
+    q = gptq_quantize(weight, gptq_hessian(inputs), bits, group_size, symmetric, block_size=block_size,
+                      scale_dtype=scale_dtype)
     assert torch.equal(dequantize_groupwise(q), expected[0])
-    assert torch.equal(q.scales, scale)
+    assert torch.equal(q.scales.to(scale.dtype), scale)
+    # llmcompressor's loss is half the sum of the squared errors its loop pushed: our running objective's end
+    running = objective_by_column(weight, dequantize_groupwise(q), gptq_hessian(inputs), compensated=True)
+    assert float(running[-1]) == pytest.approx(2 * float(loss), rel=1e-4)
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest_exactly():
@@ -217,6 +247,53 @@ def test_gptq_is_never_worse_than_round_to_nearest_on_correlated_inputs():
                 rtn = dequantize_groupwise(quantize_groupwise(weight, bits, 16, symmetric))
                 gptq = dequantize_groupwise(gptq_quantize(weight, hessian, bits, 16, symmetric, block_size=32))
                 assert layer_objective(weight, gptq, hessian) <= layer_objective(weight, rtn, hessian)
+
+
+def test_the_objective_by_column_by_hand():
+    # an identity Hessian, no damping: each column counts on its own, pushed or not: 1, then 1 + (4 + 1)
+    delta = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+    for compensated in (True, False):
+        running = objective_by_column(torch.zeros(2, 2), -delta, torch.eye(2), compensated, damping=0.0)
+        assert running.dtype == torch.float64 and running.tolist() == [1.0, 6.0]
+    # H = [[2, 1], [1, 2]] and only column 0 wrong by 1: left alone, column 1 keeps the error at d H d^T = 2;
+    # moved to its best value t = -1/2, it brings it down to 2 + 2t + 2t^2 = 1.5. Once column 1 is fixed at its
+    # original value (no error of its own), both end at trace(D H D^T) = 2.
+    hessian = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    weight, quantized = torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2)
+    assert objective_by_column(weight, quantized, hessian, False, damping=0.0).tolist() == [2.0, 2.0]
+    assert objective_by_column(weight, quantized, hessian, True, damping=0.0).tolist() == pytest.approx([1.5, 2.0])
+
+
+def test_the_objective_by_column_ends_at_the_damped_objective_and_gptq_stays_below_rtn():
+    weight = random_weight(32, 128, seed=5)
+    hessian = gptq_hessian(correlated_inputs(128, sequences=3, seed=5))
+    rtn = dequantize_groupwise(quantize_groupwise(weight, 3, 32, False))
+    gptq = dequantize_groupwise(gptq_quantize(weight, hessian, 3, 32, False))
+    damped = groupwise.damped_hessian(hessian)
+    for quantized in (rtn, gptq):
+        for compensated in (True, False):
+            running = objective_by_column(weight, quantized, hessian, compensated)
+            assert float(running[-1]) == pytest.approx(layer_objective(weight, quantized, damped), rel=1e-4)
+            if compensated:  # a sum of squares only grows (left alone, columns' errors may cancel: no such rule)
+                assert bool((running.diff() >= 0).all())
+    assert bool((objective_by_column(weight, gptq, hessian, True) < objective_by_column(weight, rtn, hessian, False)).all())
+    with pytest.raises(ValueError, match="shapes disagree"):
+        objective_by_column(weight, gptq[:, :64], hessian, True)
+    with pytest.raises(TypeError, match="compensated must be True or False"):
+        objective_by_column(weight, gptq, hessian, "yes")
+
+
+def test_row_i_of_the_factor_is_the_free_columns_inverse_hessian_row_scaled():
+    # GPTQ's paper: once columns 0..i-1 are quantized, column i's error is spread by row i of the inverse Hessian of
+    # the free columns i.. (H[i:, i:]^-1), divided by its diagonal entry; row i of U carries it divided by its root
+    hessian = gptq_hessian(correlated_inputs(48, sequences=2, seed=4))
+    exact = inverse_hessian_factor(hessian, dtype=torch.float64)
+    for i in (0, 17, 47):
+        free = torch.linalg.inv(groupwise.damped_hessian(hessian)[i:, i:].double())[0]
+        assert torch.allclose(exact[i, i:], free / free[0].sqrt(), rtol=1e-9, atol=0)
+    assert torch.allclose(inverse_hessian_factor(hessian), exact.float(), rtol=1e-3, atol=1e-6)  # GPTQ's float32
+    with pytest.raises(ValueError, match="dtype must be torch.float32"):
+        inverse_hessian_factor(hessian, dtype=torch.float16)
 
 
 def test_layer_objective_is_the_output_error_on_the_calibration_inputs():

@@ -265,3 +265,35 @@ def test_catalogue_pages_hold_every_listing_but_the_excluded_and_never_a_price()
     assert pages == pricer.catalogue_pages(test_prompts, seed=2024)  # the seed fixes the order
     with pytest.raises(ValueError, match="per_page must be at least 1"):
         pricer.catalogue_pages([], seed=0, per_page=0)
+
+
+def test_commonest_answer_counts_parsed_prices():
+    assert pricer.commonest_answer(["28", "28", "24", "x", "28.00", "$24"]) == (28, 3, 2)
+    assert pricer.commonest_answer(["24", "28"]) == (24, 1, 2)  # the first of equals
+    assert pricer.commonest_answer(["the LORD", ""]) == (None, 0, 0)
+    with pytest.raises(ValueError, match="No completions"):
+        pricer.commonest_answer([])
+
+
+def test_short_run_verdict_says_what_the_run_learned():
+    constant = pricer.short_run_verdict(["28"] * 15 + ["24"], scores_of(1.0, 91.19), scores_of(1.0, 59.44))
+    assert constant == ("2 different prices in 16 answers, 28 in 15 of them: it learned the answer's format and "
+                        "close to one constant price, not to read the items; mean absolute error $91.19 against "
+                        "$59.44 for guessing the category median, worse than that trivial baseline")
+    varied = pricer.short_run_verdict(["10", "20", "30"], scores_of(1.0, 40.0), scores_of(1.0, 45.0))
+    assert varied.startswith("3 different prices in 3 answers: it reads something of each item")
+    assert varied.endswith("better than that trivial baseline")
+    assert pricer.short_run_verdict(["x"], scores_of(0.0, 90.0), scores_of(1.0, 45.0)).startswith("no answer")
+
+
+def test_short_run_claims_are_stated_per_profile():
+    yardsticks = {"training median": scores_of(1.0, 100.0), "category median": scores_of(1.0, 45.0)}
+    tiny = pricer.short_run_claims("tiny", ["28"] * 9 + ["5"], scores_of(1.0, 90.0), yardsticks)
+    assert list(tiny.values()) == [True, True]
+    assert not any(pricer.short_run_claims("tiny", ["1", "2", "3"], scores_of(1.0, 40.0), yardsticks).values())
+    hub = pricer.short_run_claims("llama-3.1-8b", ["28"], scores_of(1.0, 90.0), yardsticks)
+    assert set(hub.values()) == {claims.NotChecked(pricer.SHORT_RUN_NOT_MEASURED)} and hub.keys() == tiny.keys()
+    with pytest.raises(ValueError, match="'category median'"):
+        pricer.short_run_claims("tiny", ["28"], scores_of(1.0, 90.0), {})
+    with pytest.raises(ValueError, match="No short-run claims for profile 'gpt-2'"):
+        pricer.short_run_claims("gpt-2", ["28"], scores_of(1.0, 90.0), yardsticks)

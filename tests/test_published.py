@@ -51,3 +51,23 @@ def test_bad_keys_and_entries_say_what_is_wrong(tmp_path):
     broken.write_text(json.dumps({"x": {"source": "s", "figures": {"a": 1}}}))
     with pytest.raises(ValueError, match="'x' lacks arxiv, setting, statement, unit"):
         published.load(broken)
+
+
+@pytest.mark.parametrize("notebook, keys", [
+    ("06_qlora_finetune.ipynb", ["raschka-lora-qlora"]),
+    ("07_beyond_bitsandbytes.ipynb", ["gptq-table-3", "awq-table-4", "llama-cpp-bits", "llama-cpp-kl"]),
+])
+def test_notebook_panels_print_once_in_the_cell_that_measures(notebook, keys):
+    """Each panel's citation appears exactly once in the committed output of the cell that calls it (a cell that
+    ended with a bare ``panel(...)`` call would print it twice), and that cell computes what the panel says."""
+    import nbformat
+
+    from helpers.runner import NOTEBOOK_DIR
+
+    cells = nbformat.read(NOTEBOOK_DIR / notebook, as_version=4).cells
+    for key in keys:
+        calling = [c for c in cells if c.cell_type == "code" and f'published.panel("{key}"' in c.source]
+        assert len(calling) == 1, f"{notebook}: {key} is printed by {len(calling)} cells"
+        printed = "".join(o.get("text", "") for o in calling[0].outputs if o.output_type == "stream")
+        assert printed.count(f"Published ({published.get(key).citation}):") == 1
+        assert "This course: " in printed and "What differs: " in printed

@@ -191,6 +191,91 @@ def test_loftq_bad_input_says_what_was_wrong():
         lora.loftq_factors(residual, 0)
 
 
+def test_loftq_alternation_first_step_by_hand():
+    # W = diag(0.3, 0.15) quantized to multiples of 0.5: Q(W) = diag(0.5, 0), W - Q = diag(-0.2, 0.15); its best
+    # rank-1 part is diag(-0.2, 0), which leaves 0.15 of an error norm of 0.25: 0.6
+    weight = torch.tensor([[0.3, 0.0], [0.0, 0.15]])
+    steps = lora.loftq_alternation(weight, torch.round(weight * 2) / 2, lambda w: torch.round(w * 2) / 2, 1, 1)
+    assert steps.errors == pytest.approx((0.6,), rel=1e-6)
+    assert torch.equal(steps.quantized, torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+    assert torch.allclose(steps.low_rank, torch.tensor([[-0.2, 0.0], [0.0, 0.0]]), atol=1e-7)
+    # a second step quantizes W - L = diag(0.5, 0.15) again: the same codes, so the same error (a fixed point)
+    assert lora.loftq_alternation(weight, steps.quantized, lambda w: torch.round(w * 2) / 2, 1, 2).errors == \
+        pytest.approx((0.6, 0.6), rel=1e-6)
+
+
+def peft_on_the_cpu(function, *args, **kwargs):
+    """Run one of peft's LoftQ functions on the CPU: peft 0.21.2 sends every tensor to 'cuda' (or 'xpu'), which a
+    CPU-only torch does not have; inside this call such a device means the CPU, and nothing else changes."""
+    from unittest import mock
+
+    to = torch.Tensor.to
+
+    def on_cpu(value):
+        return "cpu" if isinstance(value, (str, torch.device)) and str(value).startswith(("cuda", "xpu")) else value
+
+    def to_cpu(self, *a, **k):
+        return to(self, *(on_cpu(v) for v in a), **{key: on_cpu(v) for key, v in k.items()})
+
+    with mock.patch.object(torch.Tensor, "to", to_cpu):
+        return function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_loftq_alternation_equals_peft_loftq_init(steps):
+    from peft.utils.loftq_utils import loftq_init
+
+    from helpers import quantization
+
+    weight = environment.portable_randn(64, 128, seed=steps) * 0.02
+    quantize = lambda w: quantization.bnb_4bit_round_trip(w, 64, "nf4")[0]  # noqa: E731 (peft's NF4, no DQ)
+    quantized, lora_A, lora_B = peft_on_the_cpu(loftq_init, weight, num_bits=4, reduced_rank=8, num_iter=steps)
+    ours = lora.loftq_alternation(weight, quantize(weight), quantize, 8, steps)
+    assert len(ours.errors) == steps
+    assert torch.equal(ours.quantized, quantized)  # the same 4-bit base after the same number of alternations
+    assert torch.allclose(ours.low_rank, lora_B @ lora_A, atol=1e-7)
+    expected = (weight - quantized - lora_B @ lora_A).norm() / (weight - quantize(weight)).norm()
+    assert ours.errors[-1] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_loftq_alternation_bad_input_says_what_was_wrong():
+    weight = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="2-D float"):
+        lora.loftq_alternation(torch.zeros(4), weight, lambda w: w, 1, 1)
+    with pytest.raises(ValueError, match="differ in shape"):
+        lora.loftq_alternation(weight, torch.zeros(4, 2), lambda w: w, 1, 1)
+    with pytest.raises(TypeError, match="quantize must be a function"):
+        lora.loftq_alternation(weight, weight, None, 1, 1)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        lora.loftq_alternation(weight, weight, lambda w: w, 1, 0)
+
+
+def test_trl_cast_report_warns_where_bfloat16_is_emulated():
+    from helpers.environment import Hardware
+
+    trainable = [torch.zeros(2, dtype=torch.bfloat16)]
+    t4 = Hardware(device="cuda", gpu_name="Tesla T4", compute_capability=(7, 5))
+    a100 = Hardware(device="cuda", gpu_name="A100", compute_capability=(8, 0))
+    assert "WARNING: Tesla T4 (compute capability 7.5) has no native bfloat16" in lora.trl_cast_report(
+        trainable, True, t4)
+    assert "computes bfloat16 natively" in lora.trl_cast_report(trainable, True, a100)
+    cpu = lora.trl_cast_report(trainable, True, Hardware(device="cpu"))
+    assert cpu.startswith("LoRA dtypes after SFTTrainer(...): ['torch.bfloat16']") and "WARNING" not in cpu
+    assert "only on a base loaded in 4 or 8 bits" in lora.trl_cast_report(trainable, False, t4)
+    with pytest.raises(TypeError, match="quantized_base"):
+        lora.trl_cast_report(trainable, "yes", t4)
+
+
+def test_trl_casts_the_adapter_of_a_quantized_base_to_bfloat16_in_its_source():
+    import inspect
+
+    from trl import SFTTrainer
+
+    source = inspect.getsource(SFTTrainer.__init__)  # the rule trl_cast_report describes, read from trl itself
+    assert 'getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)' in source
+    assert "param.data = param.data.to(torch.bfloat16)" in source
+
+
 def tiny_profile(folder: Path) -> Profile:
     return Profile(name="test", model_id=str(folder), adapter_id="", reference_config=folder / "config.json",
                    on_hub=False, gated=False, needs_gpu=False, description="a random tiny Llama")

@@ -56,7 +56,7 @@ def set_repository(root: Path, url: str, branch: str) -> list[Path]:
     """Rewrite helpers/colab.py, the notebooks and README.md under ``root``; returns the files that changed."""
     colab.check_repository(url, branch)  # before any file is touched
     changed = []
-    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for path in sorted((root / "notebooks").glob("[0-9][0-9]*_*.ipynb")):
         if rewrite_notebook(path, url, branch):
             changed.append(path)
     for path, rewrite in ((root / "helpers" / "colab.py", rewrite_constants), (root / "README.md", rewrite_badges)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -32,8 +33,22 @@ BUILD_DIR = REPO_ROOT / "build"
 SUMMARY_TAG = "summary"
 
 
+NOTEBOOK_NAME = re.compile(r"(\d\d[a-z]?)_\w+\.ipynb")
+"""A course notebook's file name: its key (``03``; an optional deep dive after lesson 03 is ``03a``), then a name."""
+
+
+def notebook_key(path: Path | str) -> str:
+    """The key of a course notebook (``"03"`` for 03_nf4.ipynb, ``"03a"`` for a deep dive that follows it)."""
+    found = NOTEBOOK_NAME.fullmatch(Path(path).name)
+    if found is None:
+        raise ValueError(f"not a course notebook name (NN_name.ipynb or NNa_name.ipynb): {Path(path).name!r}")
+    return found.group(1)
+
+
 def course_notebooks() -> list[Path]:
-    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    """Every course notebook in course order: the lessons 00, 01, ... with each optional deep dive (``03a_...``)
+    right after the lesson it deepens."""
+    return sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]*_*.ipynb") if NOTEBOOK_NAME.fullmatch(p.name))
 
 
 def execute(notebook_path: Path, output_path: Path, timeout: int = 1800, *, kernel_env: dict[str, str] | None = None):

@@ -52,6 +52,6 @@ def test_further_reading_links_papers_or_docs_and_the_glossary(path):
 @pytest.mark.parametrize("path", WITH_TAKEAWAYS, ids=lambda p: p.name)
 def test_the_last_cell_says_what_is_next(path):
     last = markdown_of(path)[-1]
-    nexts = re.findall(r"\*\*Next:\*\* `(\d\d_\w+\.ipynb)`", last)
+    nexts = re.findall(r"\*\*Next:\*\* `(\d\d[a-z]?_\w+\.ipynb)`", last)
     names = [p.name for p in runner.course_notebooks()]
     assert len(nexts) == 1 and nexts[0] in names and names.index(nexts[0]) == names.index(path.name) + 1

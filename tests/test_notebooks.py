@@ -129,3 +129,13 @@ def test_random_data_follows_the_device_of_what_it_meets(path):
             assert "torch.randn(" not in line or cell.source.startswith(IGNORE_MARKERS), (
                 f"torch.randn draws other numbers under another CPU instruction set; use "
                 f"environment.portable_randn in compared cells: {line.strip()!r}")
+
+
+def test_a_deep_dive_sorts_right_after_the_lesson_it_deepens_and_has_its_own_key(tmp_path, monkeypatch):
+    for name in ("04_lora.ipynb", "03a_deep_dive_x.ipynb", "03_nf4.ipynb", "notes.ipynb", "3_bad.ipynb"):
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", tmp_path)
+    assert [p.name for p in runner.course_notebooks()] == ["03_nf4.ipynb", "03a_deep_dive_x.ipynb", "04_lora.ipynb"]
+    assert [runner.notebook_key(p) for p in runner.course_notebooks()] == ["03", "03a", "04"]
+    with pytest.raises(ValueError, match="not a course notebook name"):
+        runner.notebook_key("notes.ipynb")

@@ -732,3 +732,205 @@ def _unpack_bitsandbytes(answer: object) -> Verdict:
                                 "pair, the low nibble the second, in the order the weight was flattened.")
     return Verdict(RIGHT, "Two whole-tensor operations and a reshape undo bitsandbytes' packing; section 8 does the "
                           "same on a real NF4 weight.")
+
+
+# --- notebook 03 ------------------------------------------------------------------------------------------------
+
+def _bitsandbytes_fp4_table() -> torch.Tensor:
+    """bitsandbytes' FP4 table, in code order (the reference exercise 03.1 is checked against)."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.get_4bit_type("fp4", device="cpu").float()
+
+
+def _fp4_magnitudes(exponent_rises: bool = False) -> list[float]:
+    """The magnitudes of codes 0-7 by the rule exercise 03.1 states (or with the exponent read the usual way round),
+    before they are divided by the largest: exponent field e = 1, 2, 3 gives (1 + m/2) x 2**(4 - e); e = 0 gives
+    0 or 0.0625."""
+    values = []
+    for code in range(8):
+        e, m = code >> 1, code & 1
+        if e == 0:
+            values.append(0.0625 * m)
+        else:
+            values.append((1 + m / 2) * 2.0 ** ((e - 1) if exponent_rises else (4 - e)))
+    return values
+
+
+@exercise("03.1", "function", "Write fp4_table(): bitsandbytes' 16 FP4 values in code order, derived from the bits.")
+def _fp4_table(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    got = answer()
+    if isinstance(got, (list, tuple)):
+        got = torch.tensor([_number(v, "each value") for v in got], dtype=torch.float32)
+    if (wrong_type := _returned_tensor(got, "the table")) is not None:
+        return wrong_type
+    if got.numel() != 16:
+        return Verdict(NOT_YET, f"your table has {got.numel()} values; 4 bits write 16 codes, one value each.")
+    got = got.detach().cpu().float().reshape(-1)
+    right = _bitsandbytes_fp4_table()
+    if torch.allclose(got, right, rtol=1e-6, atol=0):
+        return Verdict(RIGHT, "Your 16 values are bitsandbytes' FP4 table: sign, two exponent bits and one mantissa "
+                              "bit, so two values per power of two and a long, sparse tail towards zero, which is "
+                              "where NF4 puts most of its levels instead.")
+    if torch.allclose(got / got.abs().max(), right, rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "the shape is right but the scale is not: a 4-bit table spans [-1, 1], so divide "
+                                "every value by the largest magnitude.")
+    if torch.allclose(got.abs(), right.abs(), rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "the magnitudes are right, some signs are not: the sign is the highest bit (code >= "
+                                "8 is negative), and codes 8 to 15 repeat codes 0 to 7 with a minus sign.")
+    rising = torch.tensor(_fp4_magnitudes(exponent_rises=True) * 2)
+    rising = rising * torch.tensor([1.0] * 8 + [-1.0] * 8)
+    if torch.allclose(got / got.abs().max(), rising / rising.abs().max(), rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "the exponent runs the wrong way: in bitsandbytes' FP4 a larger exponent field "
+                                "means a smaller power of two (2**(4 - e)).")
+    sorted_right = right.sort().values
+    if torch.allclose(got, sorted_right, rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "those are the right values, sorted; the table is in code order: entry k is what "
+                                "the bits of k stand for.")
+    return Verdict(NOT_YET, "some values differ: for each code take the sign (bit 3), the exponent field (bits 2-1) "
+                            "and the mantissa bit (bit 0), apply the rule of the exercise, then divide by the largest "
+                            "magnitude.")
+
+
+@exercise("03.2", "predict", "The bytes of this layer's absmax scales, as bitsandbytes stores them without double "
+                             "quantization", context=("weight",))
+def _absmax_bytes(answer: object, *, weight: torch.Tensor) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    blocks = weight.numel() // 64
+    float32_bytes = torch.finfo(torch.float32).bits // 8
+    right = blocks * float32_bytes
+    if _close(predicted, right):
+        return Verdict(RIGHT, "One float32 per block of 64 weights, whatever the weight's shape: blocks run through "
+                              "the flattened weight, so a block can even span two rows. Next to the packed codes (half "
+                              "a byte a weight) the scales add an eighth.")
+    return _hint_for(predicted, [
+        (blocks, "that is the number of scales; each is a float32, so count its bytes."),
+        (blocks * 2, "the absmax is stored in float32, 4 bytes each, not 16 bits."),
+        (weight.shape[0] * float32_bytes, "that is one scale per row; bitsandbytes takes one per block of 64 "
+                                          "consecutive weights of the flattened weight."),
+        (weight.numel() / 2, "that is the packed codes (two to a byte); the question is about the scales beside them."),
+        (blocks * float32_bytes * 8, "that is in bits; the question asks for bytes."),
+    ], "count the blocks of 64 in the whole weight (rows x columns / 64), then the bytes of one float32 each.")
+
+
+DOUBLE_QUANT_BLOCKSIZE = 128
+"""Exercise 03.3: the block size of the 4-bit codes whose bits per weight the student predicts."""
+
+
+@exercise("03.3", "predict", "Bits per weight of NF4 with double quantization in blocks of 128 (the 8-bit scales in "
+                             "groups of 256)")
+def _double_quant_bits(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    size = DOUBLE_QUANT_BLOCKSIZE
+    right = 4 + scale_bits_per_weight(size, double_quant=True)
+    if _close(predicted, right):
+        return Verdict(RIGHT, "The 4 bits of the code, 8 bits shared by 128 weights, and 32 bits shared by 128 x 256: "
+                              "doubling the block halves the cost of the scales, and double quantization cuts it by "
+                              "almost four again.")
+    return _hint_for(predicted, [
+        (4 + scale_bits_per_weight(size, double_quant=False), "that is without double quantization: the scales are "
+                                                              "8-bit codes, with one float32 per 256 blocks."),
+        (scale_bits_per_weight(size, double_quant=True), "that is the scales alone; every weight also has its "
+                                                         "4-bit code."),
+        (4 + scale_bits_per_weight(64, double_quant=True), "that is for blocks of 64; here a block holds 128 weights."),
+        (4 + 8 / size, "almost: the 8-bit codes have float32 scales of their own, one per 256 blocks."),
+        (4 + 8 / size + 32 / 256, "the second-level float32 is shared by 256 blocks, that is by 128 x 256 weights."),
+    ], "add up per weight: the 4-bit code, an 8-bit scale code shared by the 128 weights of a block, and a float32 "
+       "shared by 256 such blocks.")
+
+
+# --- notebook 03a -----------------------------------------------------------------------------------------------
+
+GPUS_TO_PICK_FOR = {"a V100": (7, 0), "an RTX 3090": (8, 6), "an H100": (9, 0)}
+"""Exercise 03a.1: GPUs named by their compute capability, in the order of the answer."""
+
+
+def _as_dtype(value: object) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    raise TypeError(f"each answer should be a torch dtype such as torch.float32 (or its name), got {value!r}")
+
+
+@exercise("03a.1", "predict", "The compute dtype the course's rule picks for a V100, an RTX 3090 and an H100")
+def _compute_dtype_pick(answer: object) -> Verdict:
+    from helpers import models
+    from helpers.environment import Hardware
+
+    if not isinstance(answer, (tuple, list)) or len(answer) != len(GPUS_TO_PICK_FOR):
+        raise TypeError("the answer should be three dtypes, for a V100, an RTX 3090 and an H100, e.g. (a, b, c)")
+    predicted = [_as_dtype(value) for value in answer]
+    right = [models.compute_dtype_for(Hardware("cuda", compute_capability=capability))[0]
+             for capability in GPUS_TO_PICK_FOR.values()]
+    if predicted == right:
+        return Verdict(RIGHT, "bfloat16 from compute capability 8.0 (Ampere) on, where it runs in hardware; float16 "
+                              "before it, where bfloat16 would be emulated. The rule reads the capability, not "
+                              "torch.cuda.is_bf16_supported(), which counts emulation too.")
+    if all(dtype == torch.bfloat16 for dtype in predicted):
+        return Verdict(NOT_YET, "bfloat16 everywhere is what trusting torch.cuda.is_bf16_supported() would give; one "
+                                "of these GPUs only emulates it.")
+    if torch.float32 in predicted:
+        return Verdict(NOT_YET, "float32 is the rule's answer on a CPU; every GPU here has a fast 16-bit dtype.")
+    wrong = [name for name, p, r in zip(GPUS_TO_PICK_FOR, predicted, right) if p != r]
+    return Verdict(NOT_YET, f"not for {' and '.join(wrong)}: compare each GPU's compute capability with the one from "
+                            "which bfloat16 runs in hardware.")
+
+
+COPY_DTYPE = torch.float16
+"""Exercise 03a.2: the compute dtype of the dense copy the student predicts."""
+
+
+@exercise("03a.2", "predict", "The bytes of the dense copy this layer makes for one call, computing in float16",
+          context=("layer",))
+def _dense_copy_bytes(answer: object, *, layer: torch.nn.Module) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    weights = layer.out_features * layer.in_features
+    element = torch.finfo(COPY_DTYPE).bits // 8
+    right = weights * element
+    if _close(predicted, right):
+        return Verdict(RIGHT, "Every weight, rebuilt in the compute dtype: four times the packed codes in 16 bits, "
+                              "eight times in float32. It lives only while the layer multiplies, one layer at a time.")
+    return _hint_for(predicted, [
+        (weights / 2, "that is the packed 4-bit codes; the copy holds every weight again in the compute dtype."),
+        (weights * 4, "that is a float32 copy; the question asks for float16, 2 bytes a weight."),
+        (weights, "one byte a weight is neither the packed codes nor float16: count float16's bytes."),
+        (weights * element * 8, "that is in bits; the question asks for bytes."),
+        (weights / 64 * 4, "that is the absmax scales; the copy is the whole weight."),
+    ], "the copy holds every weight of the layer (out_features x in_features) in float16.")
+
+
+@exercise("03a.3", "function", "Write largest_dense_copy(config, dtype): the bytes of the largest temporary dense "
+                               "weight a 4-bit Llama makes")
+def _largest_dense_copy(answer: object) -> Verdict:
+    from helpers import memory
+
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for name, config in _named_configs():
+        for dtype in (torch.float16, torch.float32):
+            right = memory.dense_copy_bytes(config, dtype)
+            got = answer(copy.deepcopy(config), dtype)
+            if got is None:
+                return Verdict(NOT_YET, "your function returned None: did it forget `return`?")
+            value = _number(got, "what your function returned")
+            if _close(value, right):
+                continue
+            shapes = memory.linear_shapes(config).values()
+            element = torch.finfo(dtype).bits // 8
+            layer_sum = sum(rows * columns for rows, columns in shapes) * element
+            square = config.hidden_size ** 2 * element
+            return _hint_for(value, [
+                (layer_sum, "that adds up every Linear of a layer; bitsandbytes rebuilds one weight at a time, so only "
+                            "the largest counts."),
+                (layer_sum * config.num_hidden_layers, "that is every Linear of the model; the copies exist one at a "
+                                                       "time."),
+                (square, "q_proj is hidden x hidden, but the MLP's matrices are larger."),
+                (right * 2 if dtype == torch.float16 else right / 2, "the bytes of one weight follow `dtype`."),
+                (right / element, "that counts weights; the question asks for bytes in `dtype`."),
+            ], f"on {name}'s config in {dtype} the bytes are off: find the decoder Linear with the most weights "
+               "(memory.linear_shapes gives every shape) and count its weights in `dtype`.")
+    return Verdict(RIGHT, "It agrees on the tiny model and on the three real Llamas: the largest copy is one MLP "
+                          "projection, which a memory plan must leave room for above the 4-bit weights.")

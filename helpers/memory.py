@@ -449,6 +449,7 @@ NOTEBOOK_SCHEMES: dict[str, tuple[str, ...]] = {
     "01_full_precision": ("fp32",),
     "02_int8": ("fp32", "int8"),
     "03_nf4": ("fp32", "bf16", "int8", "fp4", "nf4", "nf4-dq"),
+    "03a_deep_dive_4bit_compute": ("nf4-dq",),
     "04_lora_adapters": ("nf4-dq", "fp32"),
     "05_weight_packing": ("nf4-dq",),
     "06_qlora_finetune": ("nf4-dq",),
@@ -550,7 +551,7 @@ def dense_copy_bytes(config, compute_dtype: torch.dtype) -> int:
     """The largest temporary dense weight a 4-bit model makes: its largest Linear rebuilt in the compute dtype.
 
     bitsandbytes rebuilds a whole weight for a product past a few tokens (on a CPU, always) and in every backward
-    pass (notebook 03, section 7), one layer at a time: the peak holds one such copy above the 4-bit weights."""
+    pass (notebook 03a, section 5), one layer at a time: the peak holds one such copy above the 4-bit weights."""
     rows, columns = max(linear_shapes(config).values(), key=lambda shape: shape[0] * shape[1])
     return rows * columns * torch.empty((), dtype=compute_dtype).element_size()
 

@@ -20,7 +20,7 @@ REQUIRED_LOCAL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "t
 
 
 CPU_COMPUTE_REASON = ("CPU: float32, the one dtype every x86-64 CPU multiplies natively and fast; bfloat16 and "
-                      "float16 are emulated without AVX512-BF16/AMX (several times slower: notebook 03 times them) "
+                      "float16 are emulated without AVX512-BF16/AMX (several times slower: notebook 03a times them) "
                       "and round differently from one instruction set to the next, so float32 also gives the same "
                       "answers on every CPU")
 

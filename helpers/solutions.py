@@ -251,3 +251,67 @@ def answer(key: str, **context: object) -> object:
 
 
 KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
+
+
+# --- notebook 03 ------------------------------------------------------------------------------------------------
+
+
+def exercise_03_1() -> torch.Tensor:
+    """bitsandbytes' FP4 table in code order, from the bits of each code.
+
+    Bit 3 is the sign, bits 2-1 the exponent field e, bit 0 the mantissa bit m. For e = 1, 2, 3 the magnitude is
+    (1 + m/2) x 2**(4 - e); e = 0 is subnormal: 0, or 0.0625 with m = 1. Dividing by the largest magnitude (12) puts
+    the table in [-1, 1].
+    """
+    values = []
+    for code in range(16):
+        sign = -1.0 if code >> 3 else 1.0
+        exponent, mantissa = (code >> 1) & 0b11, code & 1
+        magnitude = 0.0625 * mantissa if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (4 - exponent)
+        values.append(sign * magnitude)
+    table = torch.tensor(values, dtype=torch.float32)
+    return table / table.abs().max()
+
+
+def exercise_03_2(weight: torch.Tensor) -> int:
+    """Bytes of a 4-bit layer's absmax: one float32 (4 bytes) per block of 64 weights of the flattened weight."""
+    return weight.numel() // 64 * 4
+
+
+def exercise_03_3() -> float:
+    """NF4 with double quantization in blocks of 128: the 4-bit code, an 8-bit scale per 128 weights and a float32 per
+    256 blocks of 128."""
+    return 4 + 8 / 128 + 32 / (128 * 256)
+
+
+_SOLUTIONS.update({"03.2": exercise_03_2, "03.3": exercise_03_3})
+_FUNCTIONS.update({"03.1": exercise_03_1})
+KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
+
+
+# --- notebook 03a -----------------------------------------------------------------------------------------------
+
+
+def exercise_03a_1() -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """A V100 (7.0), an RTX 3090 (8.6), an H100 (9.0): bfloat16 runs in hardware from compute capability 8.0 on."""
+    return tuple(torch.bfloat16 if capability >= (8, 0) else torch.float16
+                 for capability in ((7, 0), (8, 6), (9, 0)))
+
+
+def exercise_03a_2(layer) -> int:
+    """Every weight of the layer rebuilt in float16, 2 bytes each."""
+    return layer.out_features * layer.in_features * 2
+
+
+def exercise_03a_3(config, dtype: torch.dtype) -> int:
+    """The decoder Linear with the most weights (an MLP projection), rebuilt in ``dtype``."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    shapes = [(config.num_attention_heads * head_dim, hidden), (config.num_key_value_heads * head_dim, hidden),
+              (hidden, config.num_attention_heads * head_dim), (intermediate, hidden), (hidden, intermediate)]
+    return max(rows * columns for rows, columns in shapes) * torch.empty((), dtype=dtype).element_size()
+
+
+_SOLUTIONS.update({"03a.1": exercise_03a_1, "03a.2": exercise_03a_2})
+_FUNCTIONS.update({"03a.3": exercise_03a_3})
+KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))

@@ -66,7 +66,7 @@ BOOLEAN_WORD = re.compile(r"\b(True|False)\b")
 DESCRIPTIVE = {
     # values of a config object, printed as they are; each such cell also checks them against what was asked
     "settings of a config": re.compile(r"^\s*(load_in_\w+|bnb_4bit_\w+|llm_int8_\w+|use_rslora):?\s"),
-    # bitsandbytes' quant state before and after its fused CPU kernel repacks it (03, a CPU-dependent ignored cell)
+    # bitsandbytes' quant state before and after its fused CPU kernel repacks it (03a, a CPU-dependent ignored cell)
     "fields of a quant state": re.compile(r"nested (True|False), absmax|repacked (True|False)"),
     # where the notebook runs (the versions cell): a fact about the machine, not about the lesson's numbers
     "where the notebook runs": re.compile(r"colab: (True|False)\s+hub offline: (True|False)"),

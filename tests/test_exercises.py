@@ -366,3 +366,115 @@ def test_every_exercise_of_a_notebook_is_posed_in_it_once_and_in_order(path):
     assert calls == sorted(registered, key=lambda k: int(k.split(".")[1])) == [f"{prefix}.{n}" for n in
                                                                                  range(1, len(calls) + 1)]
     assert not calls or len(calls) >= 3
+
+
+# --- notebook 03 ------------------------------------------------------------------------------------------------
+
+def _fp4_in_value_order():
+    return solutions.exercise_03_1().sort().values
+
+
+def _fp4_unnormalized():
+    return solutions.exercise_03_1() * 12
+
+
+def _fp4_sign_in_bit_0():  # the first eight codes all positive is bitsandbytes' layout; this mixes signs in
+    table = solutions.exercise_03_1()
+    return table.abs() * torch.tensor([1.0, -1.0] * 8)
+
+
+def _fp4_exponent_rising():
+    magnitudes = [0.0625 * (c & 1) if c >> 1 == 0 else (1 + (c & 1) / 2) * 2.0 ** ((c >> 1) - 1) for c in range(8)]
+    table = torch.tensor(magnitudes + [-m for m in magnitudes])
+    return table / table.abs().max()
+
+
+_TINY_UP_PROJ = torch.zeros(256, 768)  # the shape of the tiny model's up_proj, the layer 03 quantizes by hand
+
+WRONG.update({
+    "03.1": [(_fp4_in_value_order, "code order"), (_fp4_unnormalized, "divide every value"),
+             (_fp4_sign_in_bit_0, "highest bit"), (_fp4_exponent_rising, "wrong way"),
+             (lambda: None, "forget `return`"), (lambda: torch.zeros(8), "16 codes"),
+             (lambda: torch.linspace(-1, 1, 16), "some values differ")],
+    "03.2": [(3072, "number of scales"), (6144, "not 16 bits"), (1024, "one scale per row"), (98304, "packed codes"),
+             (98304, "in bits"), (5000, "count the blocks")],
+    "03.3": [(4.25, "without double quantization"), (0.0634765625, "scales alone"),
+             (4 + 8 / 64 + 32 / (64 * 256), "blocks of 64"), (4.0625, "float32 scales of their own"),
+             (4 + 8 / 128 + 32 / 256, "shared by 256 blocks"), (4.5, "add up per weight")],
+})
+
+
+def _context_03(key):
+    return {"03.2": {"weight": _TINY_UP_PROJ}}.get(key)
+
+
+_context_before_03 = context
+
+
+def context(key):  # noqa: F811 (extends the contexts above with notebook 03's)
+    return _context_03(key) or _context_before_03(key)
+
+
+def test_notebook_03s_exercises_hold_on_every_reference_config_and_accept_any_route():
+    import bitsandbytes.functional as bnb_functional
+
+    assert torch.equal(solutions.exercise_03_1(), bnb_functional.get_4bit_type("fp4", device="cpu"))
+    listed = solutions.exercise_03_1().tolist()  # a plain list of 16 numbers is a table too
+    assert exercises.grade("03.1", lambda: listed).status == RIGHT
+    for name in ("tiny", "llama-3.2-3b", "llama-3.1-8b"):
+        weight = _meta(name).model.layers[0].mlp.up_proj.weight
+        assert exercises.grade("03.2", solutions.exercise_03_2(weight), weight=weight).status == RIGHT
+    from helpers import quantization
+
+    assert exercises.grade("03.3", quantization.bits_per_parameter(128, double_quant=True)).status == RIGHT
+
+
+# --- notebook 03a -----------------------------------------------------------------------------------------------
+
+def _largest_layer_sum(config, dtype):  # every Linear of a layer at once
+    return sum(o * i for o, i in memory.linear_shapes(config).values()) * torch.empty((), dtype=dtype).element_size()
+
+
+def _always_16_bit(config, dtype):
+    return solutions.exercise_03a_3(config, torch.float16)
+
+
+def _q_proj_only(config, dtype):
+    return config.hidden_size ** 2 * torch.empty((), dtype=dtype).element_size()
+
+
+_TINY_UP_PROJ_LAYER = torch.nn.Linear(768, 256, bias=False, device="meta")  # out_features 256, in_features 768
+
+WRONG.update({
+    "03a.1": [((torch.bfloat16,) * 3, "is_bf16_supported"), ((torch.float32, torch.bfloat16, torch.bfloat16), "CPU"),
+              ((torch.float16, torch.float16, torch.bfloat16), "an RTX 3090"),
+              (("float16", "bfloat16", "float16"), "an H100")],
+    "03a.2": [(98304, "packed 4-bit codes"), (786432, "float32 copy"), (196608, "one byte a weight"),
+              (3145728, "in bits"), (12288, "absmax"), (1000, "out_features x in_features")],
+    "03a.3": [(_largest_layer_sum, "adds up every Linear"), (_always_16_bit, "follow `dtype`"),
+              (_q_proj_only, "MLP's matrices are larger"), (lambda config, dtype: None, "forget `return`"),
+              (lambda config, dtype: 1000, "the bytes are off")],
+})
+
+
+def _context_03a(key):
+    return {"03a.2": {"layer": _TINY_UP_PROJ_LAYER}}.get(key)
+
+
+_context_before_03a = context
+
+
+def context(key):  # noqa: F811 (extends the contexts above with notebook 03a's)
+    return _context_03a(key) or _context_before_03a(key)
+
+
+def test_notebook_03as_exercises_follow_the_course_rule_and_the_memory_plan():
+    from helpers import models
+    from helpers.environment import A100_40GB, T4
+
+    assert exercises.grade("03a.1", ["float16", "torch.bfloat16", torch.bfloat16]).status == RIGHT  # names work too
+    assert models.compute_dtype_for(T4)[0] == torch.float16 and models.compute_dtype_for(A100_40GB)[0] == torch.bfloat16
+    assert exercises.grade("03a.3", memory.dense_copy_bytes).status == RIGHT  # the course's own function is a route
+    for name in ("tiny", "llama-3.2-3b", "llama-3.1-8b"):
+        layer = _meta(name).model.layers[0].mlp.down_proj
+        assert exercises.grade("03a.2", solutions.exercise_03a_2(layer), layer=layer).status == RIGHT

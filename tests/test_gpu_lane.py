@@ -173,7 +173,7 @@ def test_07s_plan_counts_its_cpu_backup_of_the_decoder_layers_which_equals_the_r
 
 def test_a_4bit_plan_holds_the_largest_layer_rebuilt_in_its_compute_dtype():
     config = memory.load_reference_config(profiles.PROFILES["llama-3.1-8b"].reference_config)
-    assert memory.dense_copy_bytes(config, torch.bfloat16) == 14336 * 4096 * 2  # gate_proj, notebook 03 section 7
+    assert memory.dense_copy_bytes(config, torch.bfloat16) == 14336 * 4096 * 2  # gate_proj, notebook 03a section 5
     assert memory.dense_copy_bytes(config, torch.float32) == 14336 * 4096 * 4
     limits = memory.MemoryLimits(gpu_bytes=80 * 10**9, cpu_bytes=64 * 10**9)
     four_bit = memory.plan_notebook("05_weight_packing", config, True, limits)  # one nf4-dq load, bfloat16 compute

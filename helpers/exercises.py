@@ -572,6 +572,180 @@ def _threshold_knob(answer: object, *, x: torch.Tensor) -> Verdict:
     return Verdict(NOT_YET, f"at {threshold:g} a column that 6.0 routes around int8 falls back into it: try smaller.")
 
 
+# --- notebook 04 ------------------------------------------------------------------------------------------------
+
+SHAPES_RANK = 8
+SHAPES_MODULE = "layers.0.mlp.down_proj"
+"""Exercise 04.1: the LoRA matrices of this module of the notebook's model, at this rank."""
+
+
+def _in_and_out(model: torch.nn.Module, suffix: str) -> tuple[int, int]:
+    """(in_features, out_features) of the Linear whose name ends with ``suffix``, read from the module itself."""
+    for name, module in model.named_modules():
+        if name.endswith(suffix) and hasattr(module, "in_features"):
+            return module.in_features, module.out_features
+    raise ValueError(f"the model has no module named ...{suffix}")
+
+
+def _shape_pair(answer: object) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if isinstance(answer, (str, bytes)) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise TypeError("the answer should be two shapes, (shape of lora_A's weight, shape of lora_B's weight)")
+    return tuple(tuple(int(_number(n, "each dimension")) for n in shape) for shape in answer)
+
+
+@exercise("04.1", "predict", "The shapes of lora_A's and lora_B's weights for layer 0's mlp.down_proj at r = 8",
+          context=("model",))
+def _lora_shapes(answer: object, *, model: torch.nn.Module) -> Verdict:
+    shape_a, shape_b = _shape_pair(answer)
+    fan_in, fan_out = _in_and_out(model, SHAPES_MODULE)
+    r = SHAPES_RANK
+    if (shape_a, shape_b) == ((r, fan_in), (fan_out, r)):
+        return Verdict(RIGHT, "lora_A takes the layer's input down to r numbers, lora_B brings them up to its output; "
+                              "as Linear weights they are stored (out_features, in_features), and B @ A has the "
+                              "shape of the weight it corrects.")
+    if r not in shape_a or r not in shape_b:
+        return Verdict(NOT_YET, "at rank r, one dimension of each matrix is r: it is the inner dimension of B @ A.")
+    if (shape_a, shape_b) == ((fan_in, r), (r, fan_out)):
+        return Verdict(NOT_YET, "PyTorch stores a Linear's weight as (out_features, in_features), not (in, out).")
+    if (shape_a, shape_b) == ((r, fan_out), (fan_in, r)):
+        return Verdict(NOT_YET, "down_proj goes from the MLP's intermediate width back to the hidden size: its "
+                                "input is the wide side.")
+    if (shape_a, shape_b) == ((fan_out, r), (r, fan_in)):
+        return Verdict(NOT_YET, "lora_A comes first: it reads the layer's input; lora_B writes the layer's output.")
+    return Verdict(NOT_YET, "read the layer's in_features and out_features (print it), then: lora_A maps in -> r, "
+                            "lora_B maps r -> out, each stored (out_features, in_features).")
+
+
+SCALING_ALPHA, SCALING_RANK = 16, 64
+"""Exercise 04.2: the scaling peft uses for this lora_alpha at this rank."""
+
+
+@exercise("04.2", "predict", "peft's scaling for lora_alpha = 16 at r = 64: (plain LoRA, with use_rslora=True)")
+def _rslora_scaling(answer: object) -> Verdict:
+    if isinstance(answer, (str, bytes)) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise TypeError("the answer should be two numbers: (scaling of plain LoRA, scaling with use_rslora=True)")
+    plain, stable = (_number(value, "each scaling") for value in answer)
+    alpha, r = SCALING_ALPHA, SCALING_RANK
+    right_plain, right_stable = alpha / r, alpha / math.sqrt(r)
+    if _close(plain, right_plain) and _close(stable, right_stable):
+        return Verdict(RIGHT, "At this rank rsLoRA multiplies the update by sqrt(r) times more than plain LoRA: the "
+                              "factor that keeps the start of training equally fast at every rank.")
+    if _close(plain, right_stable) and _close(stable, right_plain):
+        return Verdict(NOT_YET, "the two are swapped: plain LoRA divides by r, rsLoRA by its square root.")
+    if _close(plain, r / alpha) or _close(stable, math.sqrt(r) / alpha):
+        return Verdict(NOT_YET, "lora_alpha goes on top: the scaling is lora_alpha divided by the rank (or its root).")
+    if not _close(plain, right_plain):
+        return Verdict(NOT_YET, "the first number is off: plain LoRA multiplies B @ A by lora_alpha / r.")
+    return Verdict(NOT_YET, "the second number is off: use_rslora=True divides lora_alpha by the square root of r.")
+
+
+ALL_LINEAR_RANK = 16
+ALL_LINEAR_CONFIG = "llama-3.2-3b"
+"""Exercise 04.3: LoRA on every linear layer of the decoder (peft's target_modules="all-linear") at this rank."""
+
+
+def _reference_config(name: str):
+    from helpers import memory
+
+    return memory.load_reference_config(_DATA / "reference" / f"{name}.config.json")
+
+
+def _projection_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) of the seven projections of one decoder layer, from the config's widths."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {"q_proj": (hidden, query), "k_proj": (hidden, key_value), "v_proj": (hidden, key_value),
+            "o_proj": (query, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden)}
+
+
+@exercise("04.3", "predict", "LoRA parameters of Llama-3.2-3B with every decoder Linear adapted (all-linear) at r = 16")
+def _all_linear_count(answer: object) -> Verdict:
+    predicted = _number(answer, "your count")
+    config, r = _reference_config(ALL_LINEAR_CONFIG), ALL_LINEAR_RANK
+    shapes = _projection_shapes(config)
+    layers = config.num_hidden_layers
+    per_layer = sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes.values())
+    right = layers * per_layer
+    if _close(predicted, right):
+        return Verdict(RIGHT, "Every adapted Linear adds r x (in + out); the MLP's wide matrices cost most of it, and "
+                              "the whole adapter stays around a percent of the base model.")
+    attention = layers * sum(r * sum(shapes[name]) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    hidden = config.hidden_size
+    no_gqa = layers * (per_layer + 2 * r * (hidden - shapes["k_proj"][1]))
+    return _hint_for(predicted, [
+        (attention, "that is attention only: all-linear adapts the MLP's gate_proj, up_proj and down_proj too."),
+        (per_layer, "that is one decoder layer: multiply by num_hidden_layers."),
+        (no_gqa, "k_proj and v_proj are narrower than q_proj: num_key_value_heads x head_dim outputs (GQA)."),
+        (layers * sum(r * fan_in for fan_in, _ in shapes.values()), "lora_B counts too: r x out besides A's r x in."),
+        (layers * sum(fan_in * fan_out for fan_in, fan_out in shapes.values()),
+         "that is the size of the weights themselves, not of the low-rank update."),
+        (right + r * (hidden + config.vocab_size), "all-linear leaves out lm_head, the output layer."),
+        (right / 1e6, "give the count itself, not in millions."),
+    ], "for each of the seven projections add r x (in_features + out_features), read the widths from the config "
+       "(GQA makes k_proj and v_proj narrower), and multiply by the number of decoder layers.")
+
+
+def _forward_cases() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int]]:
+    """(x, weight, lora_A, lora_B, lora_alpha, r) for a few layer shapes and settings; B is nonzero, as after training."""
+    cases = []
+    for seed, (fan_in, fan_out, r, alpha) in enumerate([(24, 40, 4, 8), (48, 16, 8, 32), (32, 32, 16, 8)]):
+        generator = torch.Generator().manual_seed(500 + seed)
+        draw = functools.partial(torch.randn, generator=generator)
+        cases.append((draw(2, 5, fan_in), draw(fan_out, fan_in) / fan_in**0.5, draw(r, fan_in) / fan_in**0.5,
+                      draw(fan_out, r) / r**0.5, float(alpha), r))
+    return cases
+
+
+def peft_lora_output(x, weight, lora_a, lora_b, lora_alpha, r) -> torch.Tensor:
+    """What peft's own LoRA Linear computes for these weights, in eval mode (dropout off)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    base = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha)
+    layer = LoraLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+        return layer.eval()(x)
+
+
+@exercise("04.4", "function", "Write lora_forward(x, weight, lora_A, lora_B, lora_alpha, r): what a LoRA Linear "
+                              "computes, matched against peft's layer.")
+def _lora_forward(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for x, weight, lora_a, lora_b, alpha, r in _forward_cases():
+        got = answer(x.clone(), weight.clone(), lora_a.clone(), lora_b.clone(), alpha, r)
+        if (wrong_type := _returned_tensor(got, "the output")) is not None:
+            return wrong_type
+        right = peft_lora_output(x, weight, lora_a, lora_b, alpha, r)
+        where = f"for a layer {weight.shape[1]} -> {weight.shape[0]} at r = {r}, lora_alpha = {alpha:g},"
+        if tuple(got.shape) != tuple(right.shape):
+            return Verdict(NOT_YET, f"{where} it returned shape {tuple(got.shape)}: the output keeps x's leading "
+                                    "dimensions and has out_features values.")
+        got = got.detach().float()
+        if torch.allclose(got, right, rtol=1e-5, atol=1e-5):
+            continue
+        base, update = x @ weight.T, (x @ lora_a.T) @ lora_b.T
+        for scale, hint in ((1.0, "the low-rank path is multiplied by the scaling, lora_alpha / r."),
+                            (alpha, "the scaling is lora_alpha divided by r, not lora_alpha alone."),
+                            (alpha / math.sqrt(r), "that is rsLoRA's scaling: plain LoRA divides lora_alpha by r.")):
+            if torch.allclose(got, base + scale * update, rtol=1e-5, atol=1e-5):
+                return Verdict(NOT_YET, f"{where} {hint}")
+        if torch.allclose(got, alpha / r * update, rtol=1e-5, atol=1e-5):
+            return Verdict(NOT_YET, f"{where} it returned the update alone: the frozen base layer's output comes first.")
+        if torch.allclose(got, base, rtol=1e-5, atol=1e-5):
+            return Verdict(NOT_YET, f"{where} it returned the base layer's output alone: add the low-rank path.")
+        return Verdict(NOT_YET, f"{where} the output differs: x goes through weight (as a Linear does, x @ W.T), and "
+                                "separately through lora_A, then lora_B, scaled; the two are added.")
+    return Verdict(RIGHT, "It matches peft's LoRA Linear on three layer shapes: base output plus the scaled low-rank "
+                          "path, without ever forming B @ A.")
+
+
 # --- notebook 05 ------------------------------------------------------------------------------------------------
 
 ROW_LENGTH = 13

@@ -183,6 +183,58 @@ def exercise_02_3(x: torch.Tensor) -> int:
     return max(t for t in THRESHOLDS if outliers.outlier_columns(activations, t).tolist() == default)
 
 
+# --- notebook 04 ------------------------------------------------------------------------------------------------
+
+
+def exercise_04_1(model) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of lora_A's and lora_B's weights for layer 0's mlp.down_proj at r = 8.
+
+    A Linear's weight is stored (out_features, in_features). lora_A maps the layer's input (in) to r numbers: (r, in);
+    lora_B maps r numbers to the layer's output (out): (out, r). down_proj reads the MLP's intermediate width and
+    writes the hidden size.
+    """
+    r = 8
+    down_proj = model.get_submodule("model.layers.0.mlp.down_proj")
+    return (r, down_proj.in_features), (down_proj.out_features, r)
+
+
+def exercise_04_2() -> tuple[float, float]:
+    """peft's scaling for lora_alpha = 16 at r = 64: lora_alpha / r, and lora_alpha / sqrt(r) with use_rslora."""
+    lora_alpha, r = 16, 64
+    return lora_alpha / r, lora_alpha / math.sqrt(r)
+
+
+def exercise_04_3() -> int:
+    """LoRA parameters of Llama-3.2-3B with all seven decoder projections adapted at r = 16.
+
+    Each adapted Linear adds r x in (lora_A) + out x r (lora_B). The widths come from the reference config: q_proj and
+    o_proj are hidden <-> heads x head_dim, k_proj and v_proj hidden -> kv_heads x head_dim, the MLP's three
+    hidden <-> intermediate. lm_head is not a decoder projection (peft's "all-linear" leaves it out).
+    """
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "data" / "reference" / "llama-3.2-3b.config.json")
+                        .read_text())
+    r = 16
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    query, key_value = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    in_plus_out = [hidden + query, hidden + key_value, hidden + key_value, query + hidden,
+                   3 * (hidden + intermediate)]
+    return config["num_hidden_layers"] * r * sum(in_plus_out)
+
+
+def exercise_04_4(x, weight, lora_A, lora_B, lora_alpha, r):
+    """What a LoRA Linear computes (dropout off): the frozen layer's output plus the scaled low-rank path.
+
+    x @ weight.T is the base Linear; x goes down through lora_A to r numbers and up through lora_B, and peft multiplies
+    that by lora_alpha / r. B @ A is never formed.
+    """
+    scaling = lora_alpha / r
+    return x @ weight.T + scaling * ((x @ lora_A.T) @ lora_B.T)
+
+
 # --- notebook 05 ------------------------------------------------------------------------------------------------
 
 
@@ -233,9 +285,10 @@ def exercise_05_4(packed: torch.Tensor, shape) -> torch.Tensor:
 _SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4,
               "01.1": exercise_01_1, "01.3": exercise_01_3, "01.4": exercise_01_4,
               "02.2": exercise_02_2, "02.3": exercise_02_3,
+              "04.1": exercise_04_1, "04.2": exercise_04_2, "04.3": exercise_04_3,
               "05.1": exercise_05_1, "05.3": exercise_05_3}
-_FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "05.2": exercise_05_2,
-              "05.4": exercise_05_4}
+_FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "04.4": exercise_04_4,
+              "05.2": exercise_05_2, "05.4": exercise_05_4}
 
 
 def answer(key: str, **context: object) -> object:

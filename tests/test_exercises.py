@@ -47,7 +47,7 @@ def _planted_activations():  # tokens x features with one outlier feature, |x| f
 def context(key):
     """What the notebook passes with the answer, for the exercises that need it (EXERCISES[key].context)."""
     return {"01.1": lambda: {"model": _meta("tiny")}, "01.3": lambda: {"model": _meta("tiny")},
-            "02.3": lambda: {"x": _planted_activations()}}.get(key, dict)()
+            "02.3": lambda: {"x": _planted_activations()}, "04.1": lambda: {"model": _meta("tiny")}}.get(key, dict)()
 
 
 # typical wrong answers to notebook 01's exercises (the tiny model: 6 layers, 2 of 4 heads for keys and values)
@@ -478,3 +478,60 @@ def test_notebook_03as_exercises_follow_the_course_rule_and_the_memory_plan():
     for name in ("tiny", "llama-3.2-3b", "llama-3.1-8b"):
         layer = _meta(name).model.layers[0].mlp.down_proj
         assert exercises.grade("03a.2", solutions.exercise_03a_2(layer), layer=layer).status == RIGHT
+
+
+# --- notebook 04 ------------------------------------------------------------------------------------------------
+
+def _update_unscaled(x, weight, lora_A, lora_B, lora_alpha, r):
+    return x @ weight.T + (x @ lora_A.T) @ lora_B.T
+
+
+def _rslora_forward(x, weight, lora_A, lora_B, lora_alpha, r):
+    return x @ weight.T + lora_alpha / r**0.5 * (x @ lora_A.T) @ lora_B.T
+
+
+def _update_alone(x, weight, lora_A, lora_B, lora_alpha, r):
+    return lora_alpha / r * (x @ lora_A.T) @ lora_B.T
+
+
+def _weight_not_transposed(x, weight, lora_A, lora_B, lora_alpha, r):  # right only for a square layer
+    return x @ weight + lora_alpha / r * (x @ lora_A.T) @ lora_B.T
+
+
+WRONG.update({  # the tiny model's down_proj: 768 -> 256; Llama-3.2-3B: 28 layers, 3072 wide, 8 of 24 heads for k/v
+    "04.1": [(((768, 8), (8, 256)), "(out_features, in_features)"), (((8, 256), (768, 8)), "the wide side"),
+             (((256, 8), (8, 768)), "lora_A comes first"), (((32, 768), (256, 32)), "one dimension of each"),
+             (((8, 700), (256, 8)), "read the layer's in_features")],
+    "04.2": [((16 / 8, 16 / 64), "swapped"), ((64 / 16, 8 / 16), "lora_alpha goes on top"),
+             ((16 / 64, 16 / 64), "square root of r"), ((16, 2), "plain LoRA multiplies"), ((0.25, 4), "square root")],
+    "04.3": [(9_175_040, "attention only"), (868_352, "one decoder layer"), (28 * (868_352 + 2 * 16 * (3072 - 1024)), "narrower than q_proj"),
+             (24_313_856 + 16 * (3072 + 128_256), "leaves out lm_head"), (24.313856, "not in millions"),
+             (1_000_000, "for each of the seven projections")],
+    "04.4": [(_update_unscaled, "multiplied by the scaling"), (_rslora_forward, "rsLoRA's scaling"),
+             (_update_alone, "the update alone"), (_weight_not_transposed, "raised RuntimeError"),
+             (lambda x, weight, lora_A, lora_B, lora_alpha, r: x @ weight.T, "base layer's output alone"),
+             (lambda *arguments: None, "forget `return`"),
+             (lambda x, weight, lora_A, lora_B, lora_alpha, r: x @ weight.T + 0.5 * x @ weight.T, "output differs")],
+})
+
+
+def test_any_correct_way_is_accepted_in_notebook_04():
+    from helpers import lora
+
+    down_proj = _meta("tiny").model.layers[0].mlp.down_proj
+    as_sizes = [torch.Size([8, down_proj.in_features]), [down_proj.out_features, 8.0]]
+    assert exercises.grade("04.1", as_sizes, model=_meta("tiny")).status == RIGHT
+    assert exercises.grade("04.2", [0.25, torch.tensor(2.0)]).status == RIGHT
+    config = memory.load_reference_config(runner.REPO_ROOT / "data" / "reference" / "llama-3.2-3b.config.json")
+    assert exercises.grade("04.3", lora.lora_param_count(config, 16, memory.LINEAR_NAMES)).status == RIGHT
+
+    def merged_first(x, weight, lora_A, lora_B, lora_alpha, r):  # W + (alpha / r) B @ A, then one matmul
+        return torch.nn.functional.linear(x, weight + lora_alpha / r * lora_B @ lora_A)
+
+    assert exercises.grade("04.4", merged_first).status == RIGHT
+
+
+def test_the_notebook_04_exercises_hold_on_every_reference_config():
+    for name in ("tiny", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
+        model = _meta(name)
+        assert exercises.grade("04.1", solutions.answer("04.1", model=model), model=model).status == RIGHT, name

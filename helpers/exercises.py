@@ -1108,3 +1108,212 @@ def _largest_dense_copy(answer: object) -> Verdict:
                "(memory.linear_shapes gives every shape) and count its weights in `dtype`.")
     return Verdict(RIGHT, "It agrees on the tiny model and on the three real Llamas: the largest copy is one MLP "
                           "projection, which a memory plan must leave room for above the 4-bit weights.")
+
+
+# --- notebook 06 ------------------------------------------------------------------------------------------------
+
+def _llama_linear_sizes(config) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of each decoder Linear of a Llama config, from its sizes."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {"q_proj": (hidden, query), "k_proj": (hidden, key_value), "v_proj": (hidden, key_value),
+            "o_proj": (query, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden)}
+
+
+def _lora_count(config, r: int, targets) -> int:
+    sizes = _llama_linear_sizes(config)
+    return config.num_hidden_layers * sum(r * (i + o) for name, (i, o) in sizes.items() if name in set(targets))
+
+
+def _base_count(config) -> int:
+    """Every parameter of a Llama config: embeddings, the layers (seven Linears, two norms), the final norm, and
+    lm_head unless it is tied to the embeddings."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    per_layer = sum(i * o for i, o in _llama_linear_sizes(config).values()) + 2 * hidden
+    lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden
+    return vocab * hidden + config.num_hidden_layers * per_layer + hidden + lm_head
+
+
+@exercise("06.1", "predict", "The trainable share print_trainable_parameters will print, in percent",
+          context=("model", "lora_config"))
+def _trainable_percent(answer: object, *, model: torch.nn.Module, lora_config) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    config = model.config
+    r, targets = lora_config.r, lora_config.target_modules
+    lora_params, base = _lora_count(config, r, targets), _base_count(config)
+    right = 100 * lora_params / (base + lora_params)
+    if math.isclose(predicted, right, rel_tol=1e-4, abs_tol=1e-4):
+        return Verdict(RIGHT, "peft divides LoRA's parameters by everything the model holds, the LoRA matrices "
+                              "included, and counts a 4-bit weight as the values it stands for, not its packed "
+                              "bytes. A few percent on the tiny model; well under one percent on a real Llama.")
+    packed = base - sum(i * o for i, o in _llama_linear_sizes(config).values()) * config.num_hidden_layers // 2
+    alpha_count = _lora_count(config, int(lora_config.lora_alpha), targets)
+    return _hint_for(predicted, [
+        (100 * lora_params / base, "the total peft prints includes the LoRA matrices themselves: divide by base "
+                                   "plus LoRA."),
+        (right / 100, "print_trainable_parameters prints a percentage, not a fraction: multiply by 100."),
+        (100 * lora_params / (packed + lora_params), "a 4-bit weight counts as the values it stands for (peft "
+                                                     "doubles the packed bytes back), not as its packed bytes."),
+        (100 * alpha_count / (base + alpha_count), "the inner size of A and B is r; lora_alpha only scales the "
+                                                   "update."),
+    ], "count LoRA's parameters, r x (in_features + out_features) for each target Linear of every layer, then "
+       "divide by everything the model holds, LoRA included, and give a percentage.")
+
+
+@exercise("06.2", "predict", "The learning rate AdamW uses for the first step of the run", context=("settings",))
+def _first_learning_rate(answer: object, *, settings) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    warmup = max(settings.warmup_steps, 1)
+    right = settings.learning_rate * min(1.0, 1 / warmup)
+    if math.isclose(predicted, right, rel_tol=1e-3):
+        return Verdict(RIGHT, "The warm-up counts the first step as step 1 of its ramp, so even the first update "
+                              "moves the fresh LoRA matrices a little; a ramp that started at 0 would waste a step.")
+    return _hint_for(predicted, [
+        (0.0, "a ramp that starts at 0 would make the first step do nothing: here the first step is step 1 of "
+              "the warm-up."),
+        (settings.learning_rate, "that is the rate once the warm-up is over; the first step is the warm-up's "
+                                 "first."),
+        (settings.learning_rate / (warmup + 1), "the ramp reaches the full rate at its last step, warmup_steps in: "
+                                                "count the first step as 1 of warmup_steps."),
+    ], "the rate grows linearly to settings.learning_rate over settings.warmup_steps steps, and the first step is "
+       "the first of those.")
+
+
+def _epoch_ends_by_counting(n_items: int, batch_size: int, steps: int) -> list[int]:
+    """Steps (from 1) during which the count of items seen crosses a multiple of ``n_items``."""
+    return [step for step in range(1, steps + 1) if step * batch_size // n_items > (step - 1) * batch_size // n_items]
+
+
+EPOCH_CASES = ((240, 8, 30), (100, 8, 30), (10, 4, 10), (1000, 8, 30), (5, 8, 4), (12, 4, 9))
+"""(n_items, batch_size, steps) a student's epoch_ends is tried on: one pass, a ragged last batch, passes ending
+inside a batch, no pass completed, a batch larger than the items."""
+
+
+@exercise("06.3", "function", "Write epoch_ends(n_items, batch_size, steps): the steps at which a pass ends.")
+def _epoch_ends(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for n_items, batch_size, steps in EPOCH_CASES:
+        got = answer(n_items, batch_size, steps)
+        where = f"for {n_items} items, batches of {batch_size} and {steps} steps,"
+        if got is None:
+            return Verdict(NOT_YET, "your function returned None: did it forget `return`?")
+        got = [int(step) for step in got]
+        expected = _epoch_ends_by_counting(n_items, batch_size, steps)
+        if got == expected:
+            continue
+        if got == [step - 1 for step in expected]:
+            return Verdict(NOT_YET, f"{where} each step is one too early: count steps from 1, as the loss curve's "
+                                    "x axis does.")
+        if got == [s for s in range(1, steps + 1) if s % math.ceil(n_items / batch_size) == 0]:
+            return Verdict(NOT_YET, f"{where} the steps drift: when the items do not fill whole batches, a pass "
+                                    "ends in the middle of a batch and the next pass starts in that same batch.")
+        if len(got) > len(expected):
+            return Verdict(NOT_YET, f"{where} it returned more steps than passes end: a step after which no new "
+                                    "multiple of n_items has been read ends no pass.")
+        return Verdict(NOT_YET, f"{where} some steps differ: after step s the run has read s x batch_size items; "
+                                "a pass ends at the step whose count first reaches the next multiple of n_items.")
+    return Verdict(RIGHT, "A pass ends where the count of items read crosses a multiple of the dataset's size; when "
+                          "batches do not divide it evenly, the ends drift from one pass to the next.")
+
+
+# --- notebook 06a -----------------------------------------------------------------------------------------------
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK_CHOICES = tuple(2**k for k in range(11))
+"""Ranks exercise 06a.1 accepts: powers of two from 1 to 1024."""
+
+
+def _qlora_8b_fits_a_t4(r: int) -> bool:
+    """Exercise 06a.1's measurement: QLoRA of Llama-3.1-8B, every decoder Linear adapted at rank ``r``, weights,
+    gradients and AdamW states (no activations) within a T4's usable memory, by the course's estimator."""
+    from helpers import lora, memory
+
+    config = memory.load_reference_config(_DATA / "reference" / "llama-3.1-8b.config.json")
+    return lora.finetuning_memory(config, r, ALL_LINEAR)["qlora"].total <= memory.T4_USABLE_BYTES
+
+
+@exercise("06a.1", "knob", "The largest power-of-two rank at which QLoRA of Llama-3.1-8B with all-linear targets "
+                           "fits a T4, activations left out")
+def _largest_rank_knob(answer: object) -> Verdict:
+    r = _number(answer, "the rank")
+    if r not in RANK_CHOICES:
+        return Verdict(NOT_YET, f"try powers of two from {min(RANK_CHOICES)} to {max(RANK_CHOICES)}.")
+    r = int(r)
+    if not _qlora_8b_fits_a_t4(r):
+        return Verdict(NOT_YET, f"at r = {r} the total passes a T4's usable memory: try a smaller rank.")
+    if r < max(RANK_CHOICES) and _qlora_8b_fits_a_t4(2 * r):
+        return Verdict(NOT_YET, f"r = {r} fits, and so does the next power of two: try larger.")
+    return Verdict(RIGHT, "Each rank adds only r x (in + out) values per adapted Linear, 16 bytes each with their "
+                          "gradient and AdamW states: the 4-bit base dominates far into the ranks people use. The "
+                          "activations left out are what really limits a run on a T4.")
+
+
+def _adamw_state_bytes(sizes: list[int], eight_bit: bool, scales: bool = True, code_books: bool = True) -> int:
+    """AdamW's two moments for tensors of these sizes: float32 (8 bytes a value), or bitsandbytes' 8-bit states
+    (1 byte per moment for a tensor of at least 4096 values, plus a float32 scale per 256 values per moment, and two
+    256-entry float32 code books shared by every tensor)."""
+    if not eight_bit:
+        return 8 * sum(sizes)
+    total = sum(2 * n + (8 * math.ceil(n / 256) if scales else 0) if n >= 4096 else 8 * n for n in sizes)
+    return total + (2 * 256 * 4 if code_books and any(n >= 4096 for n in sizes) else 0)
+
+
+@exercise("06a.2", "predict", "AdamW's state bytes for this adapter, in 32-bit and in 8-bit: (a, b)", context=("model",))
+def _optimizer_state_bytes(answer: object, *, model: torch.nn.Module) -> Verdict:
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        raise TypeError("the answer should be two numbers, the bytes in 32-bit and in 8-bit, e.g. (a, b)")
+    predicted = [_number(value, "each number of bytes") for value in answer]
+    sizes = [p.numel() for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+    if not sizes:
+        raise ValueError("the model has no LoRA matrices: pass the wrapped model")
+    right = [_adamw_state_bytes(sizes, False), _adamw_state_bytes(sizes, True)]
+    if all(_close(p, v) for p, v in zip(predicted, right)):
+        return Verdict(RIGHT, "Two moments per trainable value: 8 bytes in float32, a little over 2 in 8 bits. For "
+                              "an adapter both are megabytes; the bigger risk on a GPU is a spike of activations.")
+    if _close(predicted[0], right[0]):
+        return _hint_for(predicted[1], [
+            (_adamw_state_bytes(sizes, True, scales=False), "the 8-bit codes need their scales: one float32 per "
+                                                           "256 values, for each of the two moments."),
+            (_adamw_state_bytes(sizes, True, code_books=False), "add the two code books (256 float32 entries "
+                                                               "each), stored once for all tensors."),
+            (2 * sum(sizes), "2 bytes a value is the codes alone: add the scales and the code books."),
+            (sum(sizes), "AdamW keeps two moments, each an 8-bit code."),
+        ], "the 32-bit figure is right; for 8 bits count, per tensor, a byte per value per moment, a float32 per "
+           "256 values per moment, then the shared code books.")
+    return _hint_for(predicted[0], [
+        (4 * sum(sizes), "AdamW keeps two moments per value (exp_avg and exp_avg_sq), 4 bytes each."),
+        (16 * sum(sizes), "count the optimizer's states only, not the weight and its gradient."),
+        (8 * sum(sizes) / 1e6, "write it in bytes, not MB."),
+    ], "the 32-bit figure is off: add up the values of every lora_A and lora_B, then two float32 moments each.")
+
+
+def _energy_in_top(residual: torch.Tensor, rank: int) -> float:
+    energy = torch.linalg.svdvals(residual.detach().float().cpu()).double() ** 2
+    return (energy[:rank].sum() / energy.sum()).item()
+
+
+LOFTQ_SCALING = 1.5
+"""Exercise 06a.3's scaling: lora_alpha = 1.5 r."""
+
+
+@exercise("06a.3", "predict", "The error ratio of peft's LoftQ split on this layer if lora_alpha were 1.5 r",
+          context=("residual", "lora_config"))
+def _loftq_ratio(answer: object, *, residual: torch.Tensor, lora_config) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    share = _energy_in_top(residual, lora_config.r)
+    right = math.sqrt(1 - share + (1 - LOFTQ_SCALING) ** 2 * share)
+    if math.isclose(predicted, right, abs_tol=2e-3):
+        return Verdict(RIGHT, "peft's B @ A is the best rank-r piece R_r, and the layer adds 1.5 times it: the "
+                              "overshoot, half of R_r, stays as error beside the part no rank-r term reaches.")
+    return _hint_for(predicted, [
+        (1.0, "the error equals the default start's only at scaling 2, where the overshoot is all of R_r."),
+        (math.sqrt(1 - share), "that is the split for scaling, which divides by the scaling first; peft's split "
+                               "adds 1.5 R_r."),
+        (1 - share + (1 - LOFTQ_SCALING) ** 2 * share, "that is the squared ratio: take its square root."),
+        (math.sqrt(1 - share + abs(1 - LOFTQ_SCALING) * share), "the overshoot's energy is (scaling - 1) squared "
+                                                               "times R_r's."),
+    ], "the two pieces are orthogonal: add the energy left outside the top r directions to (scaling - 1) squared "
+       "times the energy inside them, relative to the whole, and take the square root.")

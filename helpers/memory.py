@@ -453,11 +453,12 @@ NOTEBOOK_SCHEMES: dict[str, tuple[str, ...]] = {
     "04_lora_adapters": ("nf4-dq", "fp32"),
     "05_weight_packing": ("nf4-dq",),
     "06_qlora_finetune": ("nf4-dq",),
+    "06a_deep_dive_qlora_memory": ("nf4-dq",),
     "07_beyond_bitsandbytes": ("fp32", "int8", "nf4", "fp4"),
 }
 """The models each notebook loads, one at a time (each is released before the next)."""
 
-TRAINING_NOTEBOOKS = ("06_qlora_finetune",)
+TRAINING_NOTEBOOKS = ("06_qlora_finetune", "06a_deep_dive_qlora_memory")
 """Notebooks that train: their plan counts gradients of the logits and the float32 upcast of training."""
 
 EVAL_BATCH_WINDOWS = 2  # windows scored at once by quality.evaluate: with a 128k vocabulary the logits dominate

@@ -367,4 +367,87 @@ def exercise_03a_3(config, dtype: torch.dtype) -> int:
 
 _SOLUTIONS.update({"03a.1": exercise_03a_1, "03a.2": exercise_03a_2})
 _FUNCTIONS.update({"03a.3": exercise_03a_3})
+
+
+# --- notebook 06 ------------------------------------------------------------------------------------------------
+
+
+def exercise_06_1(model, lora_config) -> float:
+    """The trainable share peft prints: LoRA's parameters over all parameters, LoRA included, in percent.
+
+    Each target Linear gets A (r x in) and B (out x r). peft counts a 4-bit weight as the values it stands for, so
+    the base is the parameter count of the unquantized model: read it from its modules' shapes in the config.
+    """
+    config = model.config
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv, mlp = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.intermediate_size
+    in_out = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp), "down_proj": (mlp, hidden)}
+    lora_params = layers * sum(lora_config.r * (i + o) for name, (i, o) in in_out.items()
+                               if name in lora_config.target_modules)
+    per_layer = sum(i * o for i, o in in_out.values()) + 2 * hidden  # seven Linears and two RMSNorm weights
+    tied = getattr(config, "tie_word_embeddings", False)
+    base = vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden  # + the final norm
+    return 100 * lora_params / (base + lora_params)
+
+
+def exercise_06_2(settings) -> float:
+    """The first step's learning rate: the warm-up ramps linearly over ``warmup_steps`` steps and the first step is
+    the first of them, so it gets 1 / warmup_steps of the full rate (all of it when there is no warm-up)."""
+    return settings.learning_rate * min(1.0, 1 / max(settings.warmup_steps, 1))
+
+
+def exercise_06_3(n_items: int, batch_size: int, steps: int) -> list[int]:
+    """Walk the steps counting the items read; a pass ends at each step whose count reaches the next multiple of
+    ``n_items``."""
+    ends, next_end = [], n_items
+    for step in range(1, steps + 1):
+        if step * batch_size >= next_end:
+            ends.append(step)
+            while next_end <= step * batch_size:  # a batch larger than the items ends several passes at once
+                next_end += n_items
+    return ends
+
+
+_SOLUTIONS.update({"06.1": exercise_06_1, "06.2": exercise_06_2})
+_FUNCTIONS.update({"06.3": exercise_06_3})
+KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
+
+
+# --- notebook 06a -----------------------------------------------------------------------------------------------
+
+
+def exercise_06a_1() -> int:
+    """Try the powers of two with the course's estimator, keep the largest whose QLoRA total (weights, gradients,
+    AdamW states) stays within a T4's usable memory."""
+    from helpers import lora, memory, runner
+
+    config = memory.load_reference_config(runner.REPO_ROOT / "data" / "reference" / "llama-3.1-8b.config.json")
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    fitting = [r for r in (2**k for k in range(11))
+               if lora.finetuning_memory(config, r, every_linear)["qlora"].total <= memory.T4_USABLE_BYTES]
+    return max(fitting)
+
+
+def exercise_06a_2(model) -> tuple[int, int]:
+    """32-bit AdamW: two float32 moments per LoRA value. 8-bit AdamW (bitsandbytes): for each tensor of at least 4096
+    values, a uint8 code per moment and a float32 scale per block of 256 values per moment (smaller tensors stay
+    32-bit), plus the two 256-entry float32 code books, once."""
+    sizes = [p.numel() for name, p in model.named_parameters() if "lora_" in name]
+    thirty_two = sum(2 * 4 * n for n in sizes)
+    eight = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * 4 * n for n in sizes) + 2 * 256 * 4
+    return thirty_two, eight
+
+
+def exercise_06a_3(residual: torch.Tensor, lora_config) -> float:
+    """peft's split makes B @ A the best rank-r piece R_r; the layer adds 1.5 R_r. The error R - 1.5 R_r is
+    (R - R_r) - 0.5 R_r, two orthogonal pieces: its squared norm is the energy outside the top r directions plus
+    0.25 times the energy inside them. Relative to ||R||, square-rooted."""
+    s = torch.linalg.svdvals(residual.float().cpu()).double()
+    inside, total = (s[: lora_config.r] ** 2).sum(), (s**2).sum()
+    return math.sqrt(((total - inside) + 0.5**2 * inside) / total)
+
+
+_SOLUTIONS.update({"06a.1": exercise_06a_1, "06a.2": exercise_06a_2, "06a.3": exercise_06a_3})
 KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))

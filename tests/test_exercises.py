@@ -535,3 +535,141 @@ def test_the_notebook_04_exercises_hold_on_every_reference_config():
     for name in ("tiny", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
         model = _meta(name)
         assert exercises.grade("04.1", solutions.answer("04.1", model=model), model=model).status == RIGHT, name
+
+
+# --- notebook 06 ------------------------------------------------------------------------------------------------
+
+def _tiny_lora_config(r=32, alpha=64, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), task_type="CAUSAL_LM")
+
+
+def _tiny_settings():
+    from helpers import lora
+
+    return lora.training_settings("tiny", torch.float32, on_gpu=False)
+
+
+_TINY_LORA = 344_064  # the tiny model's LoRA parameters at r = 32 on q, k, v, o (notebook 06 prints them)
+_TINY_BASE = 6_819_072
+
+
+def _epoch_ends_from_0(n_items, batch_size, steps):
+    return [step - 1 for step in solutions.exercise_06_3(n_items, batch_size, steps)]
+
+
+def _epoch_ends_every_full_pass(n_items, batch_size, steps):
+    per_pass = -(-n_items // batch_size)
+    return [step for step in range(1, steps + 1) if step % per_pass == 0]
+
+
+def _every_step(n_items, batch_size, steps):
+    return list(range(1, steps + 1))
+
+
+WRONG.update({
+    "06.1": [(100 * _TINY_LORA / _TINY_BASE, "includes the LoRA matrices"),
+             (_TINY_LORA / (_TINY_BASE + _TINY_LORA), "a percentage"),
+             (100 * _TINY_LORA / (_TINY_BASE - 6 * 786_432 // 2 + _TINY_LORA), "packed bytes"),
+             (100 * 2 * _TINY_LORA / (_TINY_BASE + 2 * _TINY_LORA), "lora_alpha only scales"),
+             (3.0, "count LoRA's parameters")],
+    "06.2": [(0.0, "starts at 0"), (2e-3, "once the warm-up is over"), (2e-3 / 4, "warmup_steps in"),
+             (1e-4, "grows linearly")],
+    "06.3": [(_epoch_ends_from_0, "one too early"), (_epoch_ends_every_full_pass, "the steps drift"),
+             (_every_step, "more steps than passes end"), (lambda n, b, s: None, "forget `return`"),
+             (lambda n, b, s: [s], "some steps differ")],
+})
+
+
+# --- notebook 06a -----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _tiny_with_lora():
+    from peft import get_peft_model
+
+    return get_peft_model(memory.meta_model(runner.REPO_ROOT / "data" / "tiny-llama" / "config.json"),
+                          _tiny_lora_config())
+
+
+def _residual_with_structure():  # noise plus a strong rank-4 part: its top directions hold more than noise's
+    noise = environment.portable_randn(128, 96, seed=6)
+    return noise + 3 * environment.portable_randn(128, 4, seed=7) @ environment.portable_randn(4, 96, seed=8)
+
+
+_TINY_32_BIT = 8 * _TINY_LORA
+_TINY_8_BIT = 2 * _TINY_LORA + 8 * (_TINY_LORA // 256) + 2048  # every tiny LoRA tensor has >= 4096 values, /256
+
+
+def _ratio(share, scaling=1.5):
+    return (1 - share + (1 - scaling) ** 2 * share) ** 0.5
+
+
+_SHARE = exercises._energy_in_top(_residual_with_structure(), 8)  # of the planted residual's energy, in its top 8
+
+
+WRONG.update({
+    "06a.1": [(256, "try a smaller rank"), (512, "try a smaller rank"), (64, "try larger"), (16, "try larger"),
+              (100, "powers of two")],
+    "06a.2": [((_TINY_32_BIT, 2 * _TINY_LORA + 2048), "need their scales"),
+              ((_TINY_32_BIT, _TINY_8_BIT - 2048), "code books"), ((_TINY_32_BIT, 2 * _TINY_LORA), "codes alone"),
+              ((_TINY_32_BIT, _TINY_LORA), "two moments"), ((4 * _TINY_LORA, _TINY_8_BIT), "two moments per value"),
+              ((16 * _TINY_LORA, _TINY_8_BIT), "optimizer's states only"),
+              ((_TINY_32_BIT / 1e6, _TINY_8_BIT), "in bytes"), ((_TINY_32_BIT, 1000), "the 32-bit figure is right"),
+              ((1000, 1000), "the 32-bit figure is off")],
+    "06a.3": [(1.0, "only at scaling 2"), ((1 - _SHARE) ** 0.5, "divides by"), (_ratio(_SHARE) ** 2, "square root"),
+              ((1 - 0.5 * _SHARE) ** 0.5, "squared times"), (0.1, "orthogonal")],
+})
+
+
+def _context_06(key):
+    return {"06.1": lambda: {"model": _meta("tiny"), "lora_config": _tiny_lora_config()},
+            "06.2": lambda: {"settings": _tiny_settings()},
+            "06a.2": lambda: {"model": _tiny_with_lora()},
+            "06a.3": lambda: {"residual": _residual_with_structure(), "lora_config": _tiny_lora_config(r=8)},
+            }.get(key, lambda: None)()
+
+
+_context_before_06 = context
+
+
+def context(key):  # noqa: F811 (extends the contexts above with notebooks 06's and 06a's)
+    return _context_06(key) or _context_before_06(key)
+
+
+def test_notebook_06s_checkers_agree_with_peft_and_the_course_on_every_reference_config():
+    from peft import get_peft_model
+
+    from helpers import lora
+
+    for name in ("tiny", "llama-3.2-3b", "llama-3.1-8b"):
+        for config in (_tiny_lora_config(), _tiny_lora_config(r=16, alpha=16, targets=exercises.ALL_LINEAR)):
+            base = _meta(name)
+            wrapped = get_peft_model(memory.meta_model(runner.REPO_ROOT / "data" / (
+                "tiny-llama/config.json" if name == "tiny" else f"reference/{name}.config.json")), config)
+            trainable, everything = wrapped.get_nb_trainable_parameters()
+            answer = solutions.exercise_06_1(base, config)
+            assert answer == pytest.approx(100 * trainable / everything, rel=1e-12), (name, config.r)
+            assert exercises.grade("06.1", answer, model=base, lora_config=config).status == RIGHT
+            sizes = lora.lora_tensor_sizes(base.config, config.r, sorted(config.target_modules))
+            assert solutions.exercise_06a_2(wrapped) == tuple(
+                lora.optimizer_state_memory(sizes, optimizer).total for optimizer in ("adamw", "adamw8bit"))
+    assert exercises.grade("06.1", 4.8033, **context("06.1")).status == RIGHT  # the value the notebook prints
+    settings = _tiny_settings()
+    assert exercises.grade("06.2", settings.learning_rate_at(0), settings=settings).status == RIGHT
+    for case in exercises.EPOCH_CASES:
+        assert solutions.exercise_06_3(*case) == lora.epoch_ends(*case) == exercises._epoch_ends_by_counting(*case)
+    assert exercises.grade("06.3", lora.epoch_ends).status == RIGHT  # the course's own function is a route
+
+
+def test_notebook_06as_checkers_measure_what_the_notebook_computes():
+    from helpers import lora
+
+    assert exercises._qlora_8b_fits_a_t4(solutions.exercise_06a_1())
+    assert not exercises._qlora_8b_fits_a_t4(2 * solutions.exercise_06a_1())
+    residual, config = _residual_with_structure(), _tiny_lora_config(r=8)
+    assert solutions.exercise_06a_3(residual, config) == pytest.approx(
+        lora.loftq_error_ratio_formula(residual, 8, 1.5), abs=1e-6)
+    share = _SHARE
+    assert share > 0.5  # the planted rank-4 part: the hints' values are far apart
+    assert exercises.grade("06a.3", round(_ratio(share), 3), residual=residual, lora_config=config).status == RIGHT

@@ -54,7 +54,7 @@ def test_bad_keys_and_entries_say_what_is_wrong(tmp_path):
 
 
 @pytest.mark.parametrize("notebook, keys", [
-    ("06_qlora_finetune.ipynb", ["raschka-lora-qlora"]),
+    ("06a_deep_dive_qlora_memory.ipynb", ["raschka-lora-qlora"]),
     ("07_beyond_bitsandbytes.ipynb", ["gptq-table-3", "awq-table-4", "llama-cpp-bits", "llama-cpp-kl"]),
 ])
 def test_notebook_panels_print_once_in_the_cell_that_measures(notebook, keys):

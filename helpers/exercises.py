@@ -732,3 +732,133 @@ def _unpack_bitsandbytes(answer: object) -> Verdict:
                                 "pair, the low nibble the second, in the order the weight was flattened.")
     return Verdict(RIGHT, "Two whole-tensor operations and a reshape undo bitsandbytes' packing; section 8 does the "
                           "same on a real NF4 weight.")
+
+
+# --- notebook 07 ------------------------------------------------------------------------------------------------
+
+WIDE_GROUP_SIZE = 128
+"""Exercise 07.1: 4-bit codes in groups of WIDE_GROUP_SIZE, with a 16-bit scale and a 16-bit zero point per group."""
+
+
+def groupwise_bits_per_weight(bits: int, group_size: int, scale_bits: int, zero_point_bits: int) -> float:
+    """Bits per weight of a group-wise format, counted from one group's storage: ``group_size`` codes of ``bits``
+    bits, one scale and one zero point."""
+    return (group_size * bits + scale_bits + zero_point_bits) / group_size
+
+
+@exercise("07.1", "predict", "Bits per weight of 4-bit codes in groups of 128 with a 16-bit scale and a 16-bit zero "
+                             "point per group")
+def _wide_group_bits(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    sixteen = torch.finfo(torch.float16).bits
+    right = groupwise_bits_per_weight(4, WIDE_GROUP_SIZE, sixteen, sixteen)
+    if _close(predicted, right):
+        return Verdict(RIGHT, "A group's scale and zero point are shared by all its weights, so doubling the group "
+                              "halves what they cost per weight; a 16-bit zero point costs as much as the scale.")
+    return _hint_for(predicted, [
+        (groupwise_bits_per_weight(4, WIDE_GROUP_SIZE, sixteen, 0),
+         "count the zero point too: here it is a 16-bit number per group, like the scale."),
+        (groupwise_bits_per_weight(4, WIDE_GROUP_SIZE, sixteen, 4),
+         "here the zero point is a 16-bit number, not a packed 4-bit code."),
+        (groupwise_bits_per_weight(4, 64, sixteen, sixteen), "the groups here hold 128 weights, not 64."),
+        (groupwise_bits_per_weight(4, 64, sixteen, 4), "that is the format measured above; this one has groups of "
+                                                       "128 and a 16-bit zero point."),
+        (4, "that counts the codes alone: add each group's scale and zero point, shared by its weights."),
+        (2 * sixteen / WIDE_GROUP_SIZE, "that is only what the scale and zero point add: add the codes' own bits."),
+    ], "add the codes' bits to the scale's and the zero point's, divided among the weights of one group.")
+
+
+CLIPPED_BITS = 2
+"""Exercise 07.2: the bit width at which to predict what a symmetric grid keeps of a positive maximum."""
+
+
+def symmetric_share_kept(bits: int) -> float:
+    """What symmetric round-to-nearest (compressed-tensors' convention) keeps of a group's largest weight when it is
+    positive, measured: a group whose largest magnitude is +1, quantized and dequantized with helpers.groupwise."""
+    from helpers import groupwise
+
+    group = torch.tensor([[1.0, -0.25, 0.5, -0.75]])
+    q = groupwise.quantize_groupwise(group, bits, group_size=group.shape[1], symmetric=True)
+    return groupwise.dequantize_groupwise(q)[0, 0].item()
+
+
+@exercise("07.2", "predict", "What fraction of a group's positive maximum does 2-bit symmetric round-to-nearest keep?")
+def _share_kept(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    right = symmetric_share_kept(CLIPPED_BITS)
+
+    def near(value: float) -> bool:  # a fraction written with three decimals counts
+        return abs(predicted - value) <= 5e-4
+
+    if near(right):
+        return Verdict(RIGHT, "The top code sits half a step below where the scale puts the largest magnitude, and "
+                              "at 2 bits a step is a large share of the range: a positive outlier loses a third. An "
+                              "asymmetric grid, or Q4_0's signed extreme, avoids this.")
+    mistakes = [
+        (1.0, "a symmetric grid has one level more below zero than above: the largest positive weight cannot reach "
+              "the scale's end of the range."),
+        (1 - right, "that is the share lost; the question asks for the share kept."),
+        (symmetric_share_kept(4), "that is the 4-bit share; at 2 bits the top code is a larger step from the end."),
+        (symmetric_share_kept(3), "that is the 3-bit share; at 2 bits the top code is a larger step from the end."),
+        (0.5, "the scale maps the largest magnitude half a step past the top code, not a whole step."),
+    ]
+    hints = [hint for value, hint in mistakes if near(value)]
+    return Verdict(NOT_YET, hints[0] if hints else "write the top code and the point the scale maps the largest "
+                                                   "magnitude to, both in steps, and divide.")
+
+
+_Q4_1_SHAPES = ((1, 32), (4, 64), (3, 96), (2, 2, 64))
+"""Shapes a student's Q4_1 quantizer is tried on (the last dimension a multiple of 32)."""
+
+
+def gguf_py_q4_1(x: torch.Tensor) -> torch.Tensor:
+    """gguf-py's Q4_1 bytes of ``x`` (its reference quantizer, byte-identical to llama.cpp's), as a uint8 tensor."""
+    from gguf import GGMLQuantizationType, quants
+
+    return torch.from_numpy(quants.quantize(x.detach().cpu().float().numpy(), GGMLQuantizationType.Q4_1))
+
+
+def _q4_1_cases() -> list[torch.Tensor]:
+    cases = [basics.example_weight(math.prod(shape[:-1]), shape[-1], seed=700 + i).reshape(shape)
+             for i, shape in enumerate(_Q4_1_SHAPES)]
+    flat = torch.full((1, 64), 0.25)  # a constant block: its step is 0, and every code must be 0
+    flat[0, 32:] = torch.linspace(-1, 2, 32)
+    return [*cases, flat]
+
+
+@exercise("07.3", "function", "Write quantize_q4_1(x): llama.cpp's Q4_1 bytes, matching gguf-py's quantizer.")
+def _quantize_q4_1(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for x in _q4_1_cases():
+        got = answer(x.clone())
+        if (wrong_type := _returned_tensor(got, "the bytes")) is not None:
+            return wrong_type
+        expected = gguf_py_q4_1(x)
+        where = f"on a weight of shape {tuple(x.shape)},"
+        if got.dtype != torch.uint8:
+            return Verdict(NOT_YET, f"{where} it returned {got.dtype}; the answer is raw bytes, torch.uint8.")
+        if tuple(got.shape) != tuple(expected.shape):
+            return Verdict(NOT_YET, f"{where} it returned shape {tuple(got.shape)}: each block of 32 weights takes "
+                                    "20 bytes (d and m as float16, then 16 bytes of codes), one row per row of x.")
+        got = got.detach().cpu()
+        if torch.equal(got, expected):
+            continue
+        g, e = got.reshape(-1, 20), expected.reshape(-1, 20)
+        if torch.equal(g[:, :2], e[:, 2:4]) and torch.equal(g[:, 2:4], e[:, :2]):
+            return Verdict(NOT_YET, f"{where} d and m are swapped: the step d comes first, then the minimum m.")
+        if not torch.equal(g[:, 2:4], e[:, 2:4]):
+            return Verdict(NOT_YET, f"{where} m (bytes 2-3 of each block) differs: Q4_1 stores each block's "
+                                    "smallest value, as float16, and counts its codes up from it.")
+        if not torch.equal(g[:, :2], e[:, :2]):
+            return Verdict(NOT_YET, f"{where} d (bytes 0-1 of each block) differs: unlike Q4_0's signed extreme, "
+                                    "Q4_1's 16 levels span the block from its minimum to its maximum.")
+        swapped = (e[:, 4:] >> 4) | (e[:, 4:] << 4)
+        if torch.equal(g[:, 4:], swapped):
+            return Verdict(NOT_YET, f"{where} the nibbles are in the wrong order: as in Q4_0, the first 16 codes of "
+                                    "a block go in the low nibbles, the last 16 in the high ones.")
+        return Verdict(NOT_YET, f"{where} some codes differ: count each weight's steps d up from m, rounding to "
+                                "the nearest code in float32 as Q4_0's code does, and keep them within 0..15.")
+    return Verdict(RIGHT, "Your bytes are gguf-py's: Q4_1 pays 16 more bits per block of 32 than Q4_0 (5 bits per "
+                          "weight against 4.5) for a minimum that lets its grid follow a lopsided block, the same "
+                          "trade as an asymmetric group with a zero point.")

@@ -230,12 +230,51 @@ def exercise_05_4(packed: torch.Tensor, shape) -> torch.Tensor:
     return pairs[: math.prod(shape)].reshape(tuple(shape))
 
 
+# --- notebook 07 ------------------------------------------------------------------------------------------------
+
+
+def exercise_07_1() -> float:
+    """Bits per weight of 4-bit codes in groups of 128, with a 16-bit scale and a 16-bit zero point per group.
+
+    One group stores 128 codes of 4 bits plus 16 + 16 bits shared by the 128 weights.
+    """
+    return 4 + (16 + 16) / 128
+
+
+def exercise_07_2() -> float:
+    """The share of a positive maximum that 2-bit symmetric round-to-nearest keeps.
+
+    Codes -2..1; the scale maps the largest magnitude to 2**(bits-1) - 1/2 = 1.5 steps, and the top code is 1 step.
+    """
+    top_code = 2 ** (2 - 1) - 1
+    largest_magnitude_in_steps = 2 ** (2 - 1) - 0.5
+    return top_code / largest_magnitude_in_steps
+
+
+def exercise_07_3(x: torch.Tensor) -> torch.Tensor:
+    """Q4_1 bytes of ``x``: per block of 32, d = (max - min) / 15 and m = min as float16, then 32 4-bit codes.
+
+    Q4_0's code with the signed extreme replaced by the block's range: codes count steps up from the minimum,
+    trunc((x - min) / d + 0.5) with the inverse computed once (0 for a constant block), the first 16 in the low nibbles.
+    """
+    blocks = x.to(torch.float32).reshape(-1, 32)
+    low = blocks.amin(dim=1, keepdim=True)
+    d = (blocks.amax(dim=1, keepdim=True) - low) / 15
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.trunc((blocks - low) * inverse + 0.5).clamp(0, 15).to(torch.uint8)
+    packed = codes[:, :16] | (codes[:, 16:] << 4)
+    raw = torch.cat([d.to(torch.float16).view(torch.uint8), low.to(torch.float16).view(torch.uint8), packed], dim=1)
+    return raw.reshape(*x.shape[:-1], -1)
+
+
 _SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4,
               "01.1": exercise_01_1, "01.3": exercise_01_3, "01.4": exercise_01_4,
               "02.2": exercise_02_2, "02.3": exercise_02_3,
-              "05.1": exercise_05_1, "05.3": exercise_05_3}
+              "05.1": exercise_05_1, "05.3": exercise_05_3,
+              "07.1": exercise_07_1, "07.2": exercise_07_2}
 _FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "05.2": exercise_05_2,
-              "05.4": exercise_05_4}
+              "05.4": exercise_05_4,
+              "07.3": exercise_07_3}
 
 
 def answer(key: str, **context: object) -> object:
@@ -251,3 +290,4 @@ def answer(key: str, **context: object) -> object:
 
 
 KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
+

@@ -572,6 +572,208 @@ def _threshold_knob(answer: object, *, x: torch.Tensor) -> Verdict:
     return Verdict(NOT_YET, f"at {threshold:g} a column that 6.0 routes around int8 falls back into it: try smaller.")
 
 
+# --- notebook 03 ------------------------------------------------------------------------------------------------
+
+def _bitsandbytes_fp4_table() -> torch.Tensor:
+    """bitsandbytes' FP4 table, in code order (the reference exercise 03.1 is checked against)."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.get_4bit_type("fp4", device="cpu").float()
+
+
+def _fp4_magnitudes(exponent_rises: bool = False) -> list[float]:
+    """The magnitudes of codes 0-7 by the rule exercise 03.1 states (or with the exponent read the usual way round),
+    before they are divided by the largest: exponent field e = 1, 2, 3 gives (1 + m/2) x 2**(4 - e); e = 0 gives
+    0 or 0.0625."""
+    values = []
+    for code in range(8):
+        e, m = code >> 1, code & 1
+        if e == 0:
+            values.append(0.0625 * m)
+        else:
+            values.append((1 + m / 2) * 2.0 ** ((e - 1) if exponent_rises else (4 - e)))
+    return values
+
+
+@exercise("03.1", "function", "Write fp4_table(): bitsandbytes' 16 FP4 values in code order, derived from the bits.")
+def _fp4_table(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    got = answer()
+    if isinstance(got, (list, tuple)):
+        got = torch.tensor([_number(v, "each value") for v in got], dtype=torch.float32)
+    if (wrong_type := _returned_tensor(got, "the table")) is not None:
+        return wrong_type
+    if got.numel() != 16:
+        return Verdict(NOT_YET, f"your table has {got.numel()} values; 4 bits write 16 codes, one value each.")
+    got = got.detach().cpu().float().reshape(-1)
+    right = _bitsandbytes_fp4_table()
+    if torch.allclose(got, right, rtol=1e-6, atol=0):
+        return Verdict(RIGHT, "Your 16 values are bitsandbytes' FP4 table: sign, two exponent bits and one mantissa "
+                              "bit, so two values per power of two and a long, sparse tail towards zero, which is "
+                              "where NF4 puts most of its levels instead.")
+    if torch.allclose(got / got.abs().max(), right, rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "the shape is right but the scale is not: a 4-bit table spans [-1, 1], so divide "
+                                "every value by the largest magnitude.")
+    if torch.allclose(got.abs(), right.abs(), rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "the magnitudes are right, some signs are not: the sign is the highest bit (code >= "
+                                "8 is negative), and codes 8 to 15 repeat codes 0 to 7 with a minus sign.")
+    rising = torch.tensor(_fp4_magnitudes(exponent_rises=True) * 2)
+    rising = rising * torch.tensor([1.0] * 8 + [-1.0] * 8)
+    if torch.allclose(got / got.abs().max(), rising / rising.abs().max(), rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "the exponent runs the wrong way: in bitsandbytes' FP4 a larger exponent field "
+                                "means a smaller power of two (2**(4 - e)).")
+    sorted_right = right.sort().values
+    if torch.allclose(got, sorted_right, rtol=1e-6, atol=0):
+        return Verdict(NOT_YET, "those are the right values, sorted; the table is in code order: entry k is what "
+                                "the bits of k stand for.")
+    return Verdict(NOT_YET, "some values differ: for each code take the sign (bit 3), the exponent field (bits 2-1) "
+                            "and the mantissa bit (bit 0), apply the rule of the exercise, then divide by the largest "
+                            "magnitude.")
+
+
+@exercise("03.2", "predict", "The bytes of this layer's absmax scales, as bitsandbytes stores them without double "
+                             "quantization", context=("weight",))
+def _absmax_bytes(answer: object, *, weight: torch.Tensor) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    blocks = weight.numel() // 64
+    float32_bytes = torch.finfo(torch.float32).bits // 8
+    right = blocks * float32_bytes
+    if _close(predicted, right):
+        return Verdict(RIGHT, "One float32 per block of 64 weights, whatever the weight's shape: blocks run through "
+                              "the flattened weight, so a block can even span two rows. Next to the packed codes (half "
+                              "a byte a weight) the scales add an eighth.")
+    return _hint_for(predicted, [
+        (blocks, "that is the number of scales; each is a float32, so count its bytes."),
+        (blocks * 2, "the absmax is stored in float32, 4 bytes each, not 16 bits."),
+        (weight.shape[0] * float32_bytes, "that is one scale per row; bitsandbytes takes one per block of 64 "
+                                          "consecutive weights of the flattened weight."),
+        (weight.numel() / 2, "that is the packed codes (two to a byte); the question is about the scales beside them."),
+        (blocks * float32_bytes * 8, "that is in bits; the question asks for bytes."),
+    ], "count the blocks of 64 in the whole weight (rows x columns / 64), then the bytes of one float32 each.")
+
+
+DOUBLE_QUANT_BLOCKSIZE = 128
+"""Exercise 03.3: the block size of the 4-bit codes whose bits per weight the student predicts."""
+
+
+@exercise("03.3", "predict", "Bits per weight of NF4 with double quantization in blocks of 128 (the 8-bit scales in "
+                             "groups of 256)")
+def _double_quant_bits(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    size = DOUBLE_QUANT_BLOCKSIZE
+    right = 4 + scale_bits_per_weight(size, double_quant=True)
+    if _close(predicted, right):
+        return Verdict(RIGHT, "The 4 bits of the code, 8 bits shared by 128 weights, and 32 bits shared by 128 x 256: "
+                              "doubling the block halves the cost of the scales, and double quantization cuts it by "
+                              "almost four again.")
+    return _hint_for(predicted, [
+        (4 + scale_bits_per_weight(size, double_quant=False), "that is without double quantization: the scales are "
+                                                              "8-bit codes, with one float32 per 256 blocks."),
+        (scale_bits_per_weight(size, double_quant=True), "that is the scales alone; every weight also has its "
+                                                         "4-bit code."),
+        (4 + scale_bits_per_weight(64, double_quant=True), "that is for blocks of 64; here a block holds 128 weights."),
+        (4 + 8 / size, "almost: the 8-bit codes have float32 scales of their own, one per 256 blocks."),
+        (4 + 8 / size + 32 / 256, "the second-level float32 is shared by 256 blocks, that is by 128 x 256 weights."),
+    ], "add up per weight: the 4-bit code, an 8-bit scale code shared by the 128 weights of a block, and a float32 "
+       "shared by 256 such blocks.")
+
+
+# --- notebook 03a -----------------------------------------------------------------------------------------------
+
+GPUS_TO_PICK_FOR = {"a V100": (7, 0), "an RTX 3090": (8, 6), "an H100": (9, 0)}
+"""Exercise 03a.1: GPUs named by their compute capability, in the order of the answer."""
+
+
+def _as_dtype(value: object) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    raise TypeError(f"each answer should be a torch dtype such as torch.float32 (or its name), got {value!r}")
+
+
+@exercise("03a.1", "predict", "The compute dtype the course's rule picks for a V100, an RTX 3090 and an H100")
+def _compute_dtype_pick(answer: object) -> Verdict:
+    from helpers import models
+    from helpers.environment import Hardware
+
+    if not isinstance(answer, (tuple, list)) or len(answer) != len(GPUS_TO_PICK_FOR):
+        raise TypeError("the answer should be three dtypes, for a V100, an RTX 3090 and an H100, e.g. (a, b, c)")
+    predicted = [_as_dtype(value) for value in answer]
+    right = [models.compute_dtype_for(Hardware("cuda", compute_capability=capability))[0]
+             for capability in GPUS_TO_PICK_FOR.values()]
+    if predicted == right:
+        return Verdict(RIGHT, "bfloat16 from compute capability 8.0 (Ampere) on, where it runs in hardware; float16 "
+                              "before it, where bfloat16 would be emulated. The rule reads the capability, not "
+                              "torch.cuda.is_bf16_supported(), which counts emulation too.")
+    if all(dtype == torch.bfloat16 for dtype in predicted):
+        return Verdict(NOT_YET, "bfloat16 everywhere is what trusting torch.cuda.is_bf16_supported() would give; one "
+                                "of these GPUs only emulates it.")
+    if torch.float32 in predicted:
+        return Verdict(NOT_YET, "float32 is the rule's answer on a CPU; every GPU here has a fast 16-bit dtype.")
+    wrong = [name for name, p, r in zip(GPUS_TO_PICK_FOR, predicted, right) if p != r]
+    return Verdict(NOT_YET, f"not for {' and '.join(wrong)}: compare each GPU's compute capability with the one from "
+                            "which bfloat16 runs in hardware.")
+
+
+COPY_DTYPE = torch.float16
+"""Exercise 03a.2: the compute dtype of the dense copy the student predicts."""
+
+
+@exercise("03a.2", "predict", "The bytes of the dense copy this layer makes for one call, computing in float16",
+          context=("layer",))
+def _dense_copy_bytes(answer: object, *, layer: torch.nn.Module) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    weights = layer.out_features * layer.in_features
+    element = torch.finfo(COPY_DTYPE).bits // 8
+    right = weights * element
+    if _close(predicted, right):
+        return Verdict(RIGHT, "Every weight, rebuilt in the compute dtype: four times the packed codes in 16 bits, "
+                              "eight times in float32. It lives only while the layer multiplies, one layer at a time.")
+    return _hint_for(predicted, [
+        (weights / 2, "that is the packed 4-bit codes; the copy holds every weight again in the compute dtype."),
+        (weights * 4, "that is a float32 copy; the question asks for float16, 2 bytes a weight."),
+        (weights, "one byte a weight is neither the packed codes nor float16: count float16's bytes."),
+        (weights * element * 8, "that is in bits; the question asks for bytes."),
+        (weights / 64 * 4, "that is the absmax scales; the copy is the whole weight."),
+    ], "the copy holds every weight of the layer (out_features x in_features) in float16.")
+
+
+@exercise("03a.3", "function", "Write largest_dense_copy(config, dtype): the bytes of the largest temporary dense "
+                               "weight a 4-bit Llama makes")
+def _largest_dense_copy(answer: object) -> Verdict:
+    from helpers import memory
+
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for name, config in _named_configs():
+        for dtype in (torch.float16, torch.float32):
+            right = memory.dense_copy_bytes(config, dtype)
+            got = answer(copy.deepcopy(config), dtype)
+            if got is None:
+                return Verdict(NOT_YET, "your function returned None: did it forget `return`?")
+            value = _number(got, "what your function returned")
+            if _close(value, right):
+                continue
+            shapes = memory.linear_shapes(config).values()
+            element = torch.finfo(dtype).bits // 8
+            layer_sum = sum(rows * columns for rows, columns in shapes) * element
+            square = config.hidden_size ** 2 * element
+            return _hint_for(value, [
+                (layer_sum, "that adds up every Linear of a layer; bitsandbytes rebuilds one weight at a time, so only "
+                            "the largest counts."),
+                (layer_sum * config.num_hidden_layers, "that is every Linear of the model; the copies exist one at a "
+                                                       "time."),
+                (square, "q_proj is hidden x hidden, but the MLP's matrices are larger."),
+                (right * 2 if dtype == torch.float16 else right / 2, "the bytes of one weight follow `dtype`."),
+                (right / element, "that counts weights; the question asks for bytes in `dtype`."),
+            ], f"on {name}'s config in {dtype} the bytes are off: find the decoder Linear with the most weights "
+               "(memory.linear_shapes gives every shape) and count its weights in `dtype`.")
+    return Verdict(RIGHT, "It agrees on the tiny model and on the three real Llamas: the largest copy is one MLP "
+                          "projection, which a memory plan must leave room for above the 4-bit weights.")
+
+
 # --- notebook 04 ------------------------------------------------------------------------------------------------
 
 SHAPES_RANK = 8
@@ -908,208 +1110,6 @@ def _unpack_bitsandbytes(answer: object) -> Verdict:
                           "same on a real NF4 weight.")
 
 
-# --- notebook 03 ------------------------------------------------------------------------------------------------
-
-def _bitsandbytes_fp4_table() -> torch.Tensor:
-    """bitsandbytes' FP4 table, in code order (the reference exercise 03.1 is checked against)."""
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.get_4bit_type("fp4", device="cpu").float()
-
-
-def _fp4_magnitudes(exponent_rises: bool = False) -> list[float]:
-    """The magnitudes of codes 0-7 by the rule exercise 03.1 states (or with the exponent read the usual way round),
-    before they are divided by the largest: exponent field e = 1, 2, 3 gives (1 + m/2) x 2**(4 - e); e = 0 gives
-    0 or 0.0625."""
-    values = []
-    for code in range(8):
-        e, m = code >> 1, code & 1
-        if e == 0:
-            values.append(0.0625 * m)
-        else:
-            values.append((1 + m / 2) * 2.0 ** ((e - 1) if exponent_rises else (4 - e)))
-    return values
-
-
-@exercise("03.1", "function", "Write fp4_table(): bitsandbytes' 16 FP4 values in code order, derived from the bits.")
-def _fp4_table(answer: object) -> Verdict:
-    if not callable(answer):
-        raise TypeError("the answer should be your function itself (its name, without calling it)")
-    got = answer()
-    if isinstance(got, (list, tuple)):
-        got = torch.tensor([_number(v, "each value") for v in got], dtype=torch.float32)
-    if (wrong_type := _returned_tensor(got, "the table")) is not None:
-        return wrong_type
-    if got.numel() != 16:
-        return Verdict(NOT_YET, f"your table has {got.numel()} values; 4 bits write 16 codes, one value each.")
-    got = got.detach().cpu().float().reshape(-1)
-    right = _bitsandbytes_fp4_table()
-    if torch.allclose(got, right, rtol=1e-6, atol=0):
-        return Verdict(RIGHT, "Your 16 values are bitsandbytes' FP4 table: sign, two exponent bits and one mantissa "
-                              "bit, so two values per power of two and a long, sparse tail towards zero, which is "
-                              "where NF4 puts most of its levels instead.")
-    if torch.allclose(got / got.abs().max(), right, rtol=1e-6, atol=0):
-        return Verdict(NOT_YET, "the shape is right but the scale is not: a 4-bit table spans [-1, 1], so divide "
-                                "every value by the largest magnitude.")
-    if torch.allclose(got.abs(), right.abs(), rtol=1e-6, atol=0):
-        return Verdict(NOT_YET, "the magnitudes are right, some signs are not: the sign is the highest bit (code >= "
-                                "8 is negative), and codes 8 to 15 repeat codes 0 to 7 with a minus sign.")
-    rising = torch.tensor(_fp4_magnitudes(exponent_rises=True) * 2)
-    rising = rising * torch.tensor([1.0] * 8 + [-1.0] * 8)
-    if torch.allclose(got / got.abs().max(), rising / rising.abs().max(), rtol=1e-6, atol=0):
-        return Verdict(NOT_YET, "the exponent runs the wrong way: in bitsandbytes' FP4 a larger exponent field "
-                                "means a smaller power of two (2**(4 - e)).")
-    sorted_right = right.sort().values
-    if torch.allclose(got, sorted_right, rtol=1e-6, atol=0):
-        return Verdict(NOT_YET, "those are the right values, sorted; the table is in code order: entry k is what "
-                                "the bits of k stand for.")
-    return Verdict(NOT_YET, "some values differ: for each code take the sign (bit 3), the exponent field (bits 2-1) "
-                            "and the mantissa bit (bit 0), apply the rule of the exercise, then divide by the largest "
-                            "magnitude.")
-
-
-@exercise("03.2", "predict", "The bytes of this layer's absmax scales, as bitsandbytes stores them without double "
-                             "quantization", context=("weight",))
-def _absmax_bytes(answer: object, *, weight: torch.Tensor) -> Verdict:
-    predicted = _number(answer, "your prediction")
-    blocks = weight.numel() // 64
-    float32_bytes = torch.finfo(torch.float32).bits // 8
-    right = blocks * float32_bytes
-    if _close(predicted, right):
-        return Verdict(RIGHT, "One float32 per block of 64 weights, whatever the weight's shape: blocks run through "
-                              "the flattened weight, so a block can even span two rows. Next to the packed codes (half "
-                              "a byte a weight) the scales add an eighth.")
-    return _hint_for(predicted, [
-        (blocks, "that is the number of scales; each is a float32, so count its bytes."),
-        (blocks * 2, "the absmax is stored in float32, 4 bytes each, not 16 bits."),
-        (weight.shape[0] * float32_bytes, "that is one scale per row; bitsandbytes takes one per block of 64 "
-                                          "consecutive weights of the flattened weight."),
-        (weight.numel() / 2, "that is the packed codes (two to a byte); the question is about the scales beside them."),
-        (blocks * float32_bytes * 8, "that is in bits; the question asks for bytes."),
-    ], "count the blocks of 64 in the whole weight (rows x columns / 64), then the bytes of one float32 each.")
-
-
-DOUBLE_QUANT_BLOCKSIZE = 128
-"""Exercise 03.3: the block size of the 4-bit codes whose bits per weight the student predicts."""
-
-
-@exercise("03.3", "predict", "Bits per weight of NF4 with double quantization in blocks of 128 (the 8-bit scales in "
-                             "groups of 256)")
-def _double_quant_bits(answer: object) -> Verdict:
-    predicted = _number(answer, "your prediction")
-    size = DOUBLE_QUANT_BLOCKSIZE
-    right = 4 + scale_bits_per_weight(size, double_quant=True)
-    if _close(predicted, right):
-        return Verdict(RIGHT, "The 4 bits of the code, 8 bits shared by 128 weights, and 32 bits shared by 128 x 256: "
-                              "doubling the block halves the cost of the scales, and double quantization cuts it by "
-                              "almost four again.")
-    return _hint_for(predicted, [
-        (4 + scale_bits_per_weight(size, double_quant=False), "that is without double quantization: the scales are "
-                                                              "8-bit codes, with one float32 per 256 blocks."),
-        (scale_bits_per_weight(size, double_quant=True), "that is the scales alone; every weight also has its "
-                                                         "4-bit code."),
-        (4 + scale_bits_per_weight(64, double_quant=True), "that is for blocks of 64; here a block holds 128 weights."),
-        (4 + 8 / size, "almost: the 8-bit codes have float32 scales of their own, one per 256 blocks."),
-        (4 + 8 / size + 32 / 256, "the second-level float32 is shared by 256 blocks, that is by 128 x 256 weights."),
-    ], "add up per weight: the 4-bit code, an 8-bit scale code shared by the 128 weights of a block, and a float32 "
-       "shared by 256 such blocks.")
-
-
-# --- notebook 03a -----------------------------------------------------------------------------------------------
-
-GPUS_TO_PICK_FOR = {"a V100": (7, 0), "an RTX 3090": (8, 6), "an H100": (9, 0)}
-"""Exercise 03a.1: GPUs named by their compute capability, in the order of the answer."""
-
-
-def _as_dtype(value: object) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
-        return getattr(torch, value.removeprefix("torch."))
-    raise TypeError(f"each answer should be a torch dtype such as torch.float32 (or its name), got {value!r}")
-
-
-@exercise("03a.1", "predict", "The compute dtype the course's rule picks for a V100, an RTX 3090 and an H100")
-def _compute_dtype_pick(answer: object) -> Verdict:
-    from helpers import models
-    from helpers.environment import Hardware
-
-    if not isinstance(answer, (tuple, list)) or len(answer) != len(GPUS_TO_PICK_FOR):
-        raise TypeError("the answer should be three dtypes, for a V100, an RTX 3090 and an H100, e.g. (a, b, c)")
-    predicted = [_as_dtype(value) for value in answer]
-    right = [models.compute_dtype_for(Hardware("cuda", compute_capability=capability))[0]
-             for capability in GPUS_TO_PICK_FOR.values()]
-    if predicted == right:
-        return Verdict(RIGHT, "bfloat16 from compute capability 8.0 (Ampere) on, where it runs in hardware; float16 "
-                              "before it, where bfloat16 would be emulated. The rule reads the capability, not "
-                              "torch.cuda.is_bf16_supported(), which counts emulation too.")
-    if all(dtype == torch.bfloat16 for dtype in predicted):
-        return Verdict(NOT_YET, "bfloat16 everywhere is what trusting torch.cuda.is_bf16_supported() would give; one "
-                                "of these GPUs only emulates it.")
-    if torch.float32 in predicted:
-        return Verdict(NOT_YET, "float32 is the rule's answer on a CPU; every GPU here has a fast 16-bit dtype.")
-    wrong = [name for name, p, r in zip(GPUS_TO_PICK_FOR, predicted, right) if p != r]
-    return Verdict(NOT_YET, f"not for {' and '.join(wrong)}: compare each GPU's compute capability with the one from "
-                            "which bfloat16 runs in hardware.")
-
-
-COPY_DTYPE = torch.float16
-"""Exercise 03a.2: the compute dtype of the dense copy the student predicts."""
-
-
-@exercise("03a.2", "predict", "The bytes of the dense copy this layer makes for one call, computing in float16",
-          context=("layer",))
-def _dense_copy_bytes(answer: object, *, layer: torch.nn.Module) -> Verdict:
-    predicted = _number(answer, "your prediction")
-    weights = layer.out_features * layer.in_features
-    element = torch.finfo(COPY_DTYPE).bits // 8
-    right = weights * element
-    if _close(predicted, right):
-        return Verdict(RIGHT, "Every weight, rebuilt in the compute dtype: four times the packed codes in 16 bits, "
-                              "eight times in float32. It lives only while the layer multiplies, one layer at a time.")
-    return _hint_for(predicted, [
-        (weights / 2, "that is the packed 4-bit codes; the copy holds every weight again in the compute dtype."),
-        (weights * 4, "that is a float32 copy; the question asks for float16, 2 bytes a weight."),
-        (weights, "one byte a weight is neither the packed codes nor float16: count float16's bytes."),
-        (weights * element * 8, "that is in bits; the question asks for bytes."),
-        (weights / 64 * 4, "that is the absmax scales; the copy is the whole weight."),
-    ], "the copy holds every weight of the layer (out_features x in_features) in float16.")
-
-
-@exercise("03a.3", "function", "Write largest_dense_copy(config, dtype): the bytes of the largest temporary dense "
-                               "weight a 4-bit Llama makes")
-def _largest_dense_copy(answer: object) -> Verdict:
-    from helpers import memory
-
-    if not callable(answer):
-        raise TypeError("the answer should be your function itself (its name, without calling it)")
-    for name, config in _named_configs():
-        for dtype in (torch.float16, torch.float32):
-            right = memory.dense_copy_bytes(config, dtype)
-            got = answer(copy.deepcopy(config), dtype)
-            if got is None:
-                return Verdict(NOT_YET, "your function returned None: did it forget `return`?")
-            value = _number(got, "what your function returned")
-            if _close(value, right):
-                continue
-            shapes = memory.linear_shapes(config).values()
-            element = torch.finfo(dtype).bits // 8
-            layer_sum = sum(rows * columns for rows, columns in shapes) * element
-            square = config.hidden_size ** 2 * element
-            return _hint_for(value, [
-                (layer_sum, "that adds up every Linear of a layer; bitsandbytes rebuilds one weight at a time, so only "
-                            "the largest counts."),
-                (layer_sum * config.num_hidden_layers, "that is every Linear of the model; the copies exist one at a "
-                                                       "time."),
-                (square, "q_proj is hidden x hidden, but the MLP's matrices are larger."),
-                (right * 2 if dtype == torch.float16 else right / 2, "the bytes of one weight follow `dtype`."),
-                (right / element, "that counts weights; the question asks for bytes in `dtype`."),
-            ], f"on {name}'s config in {dtype} the bytes are off: find the decoder Linear with the most weights "
-               "(memory.linear_shapes gives every shape) and count its weights in `dtype`.")
-    return Verdict(RIGHT, "It agrees on the tiny model and on the three real Llamas: the largest copy is one MLP "
-                          "projection, which a memory plan must leave room for above the 4-bit weights.")
-
-
 # --- notebook 06 ------------------------------------------------------------------------------------------------
 
 def _llama_linear_sizes(config) -> dict[str, tuple[int, int]]:
@@ -1317,3 +1317,133 @@ def _loftq_ratio(answer: object, *, residual: torch.Tensor, lora_config) -> Verd
                                                                "times R_r's."),
     ], "the two pieces are orthogonal: add the energy left outside the top r directions to (scaling - 1) squared "
        "times the energy inside them, relative to the whole, and take the square root.")
+
+
+# --- notebook 07 ------------------------------------------------------------------------------------------------
+
+WIDE_GROUP_SIZE = 128
+"""Exercise 07.1: 4-bit codes in groups of WIDE_GROUP_SIZE, with a 16-bit scale and a 16-bit zero point per group."""
+
+
+def groupwise_bits_per_weight(bits: int, group_size: int, scale_bits: int, zero_point_bits: int) -> float:
+    """Bits per weight of a group-wise format, counted from one group's storage: ``group_size`` codes of ``bits``
+    bits, one scale and one zero point."""
+    return (group_size * bits + scale_bits + zero_point_bits) / group_size
+
+
+@exercise("07.1", "predict", "Bits per weight of 4-bit codes in groups of 128 with a 16-bit scale and a 16-bit zero "
+                             "point per group")
+def _wide_group_bits(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    sixteen = torch.finfo(torch.float16).bits
+    right = groupwise_bits_per_weight(4, WIDE_GROUP_SIZE, sixteen, sixteen)
+    if _close(predicted, right):
+        return Verdict(RIGHT, "A group's scale and zero point are shared by all its weights, so doubling the group "
+                              "halves what they cost per weight; a 16-bit zero point costs as much as the scale.")
+    return _hint_for(predicted, [
+        (groupwise_bits_per_weight(4, WIDE_GROUP_SIZE, sixteen, 0),
+         "count the zero point too: here it is a 16-bit number per group, like the scale."),
+        (groupwise_bits_per_weight(4, WIDE_GROUP_SIZE, sixteen, 4),
+         "here the zero point is a 16-bit number, not a packed 4-bit code."),
+        (groupwise_bits_per_weight(4, 64, sixteen, sixteen), "the groups here hold 128 weights, not 64."),
+        (groupwise_bits_per_weight(4, 64, sixteen, 4), "that is the format measured above; this one has groups of "
+                                                       "128 and a 16-bit zero point."),
+        (4, "that counts the codes alone: add each group's scale and zero point, shared by its weights."),
+        (2 * sixteen / WIDE_GROUP_SIZE, "that is only what the scale and zero point add: add the codes' own bits."),
+    ], "add the codes' bits to the scale's and the zero point's, divided among the weights of one group.")
+
+
+CLIPPED_BITS = 2
+"""Exercise 07.2: the bit width at which to predict what a symmetric grid keeps of a positive maximum."""
+
+
+def symmetric_share_kept(bits: int) -> float:
+    """What symmetric round-to-nearest (compressed-tensors' convention) keeps of a group's largest weight when it is
+    positive, measured: a group whose largest magnitude is +1, quantized and dequantized with helpers.groupwise."""
+    from helpers import groupwise
+
+    group = torch.tensor([[1.0, -0.25, 0.5, -0.75]])
+    q = groupwise.quantize_groupwise(group, bits, group_size=group.shape[1], symmetric=True)
+    return groupwise.dequantize_groupwise(q)[0, 0].item()
+
+
+@exercise("07.2", "predict", "What fraction of a group's positive maximum does 2-bit symmetric round-to-nearest keep?")
+def _share_kept(answer: object) -> Verdict:
+    predicted = _number(answer, "your prediction")
+    right = symmetric_share_kept(CLIPPED_BITS)
+
+    def near(value: float) -> bool:  # a fraction written with three decimals counts
+        return abs(predicted - value) <= 5e-4
+
+    if near(right):
+        return Verdict(RIGHT, "The top code sits half a step below where the scale puts the largest magnitude, and "
+                              "at 2 bits a step is a large share of the range: a positive outlier loses a third. An "
+                              "asymmetric grid, or Q4_0's signed extreme, avoids this.")
+    mistakes = [
+        (1.0, "a symmetric grid has one level more below zero than above: the largest positive weight cannot reach "
+              "the scale's end of the range."),
+        (1 - right, "that is the share lost; the question asks for the share kept."),
+        (symmetric_share_kept(4), "that is the 4-bit share; at 2 bits the top code is a larger step from the end."),
+        (symmetric_share_kept(3), "that is the 3-bit share; at 2 bits the top code is a larger step from the end."),
+        (0.5, "the scale maps the largest magnitude half a step past the top code, not a whole step."),
+    ]
+    hints = [hint for value, hint in mistakes if near(value)]
+    return Verdict(NOT_YET, hints[0] if hints else "write the top code and the point the scale maps the largest "
+                                                   "magnitude to, both in steps, and divide.")
+
+
+_Q4_1_SHAPES = ((1, 32), (4, 64), (3, 96), (2, 2, 64))
+"""Shapes a student's Q4_1 quantizer is tried on (the last dimension a multiple of 32)."""
+
+
+def gguf_py_q4_1(x: torch.Tensor) -> torch.Tensor:
+    """gguf-py's Q4_1 bytes of ``x`` (its reference quantizer, byte-identical to llama.cpp's), as a uint8 tensor."""
+    from gguf import GGMLQuantizationType, quants
+
+    return torch.from_numpy(quants.quantize(x.detach().cpu().float().numpy(), GGMLQuantizationType.Q4_1))
+
+
+def _q4_1_cases() -> list[torch.Tensor]:
+    cases = [basics.example_weight(math.prod(shape[:-1]), shape[-1], seed=700 + i).reshape(shape)
+             for i, shape in enumerate(_Q4_1_SHAPES)]
+    flat = torch.full((1, 64), 0.25)  # a constant block: its step is 0, and every code must be 0
+    flat[0, 32:] = torch.linspace(-1, 2, 32)
+    return [*cases, flat]
+
+
+@exercise("07.3", "function", "Write quantize_q4_1(x): llama.cpp's Q4_1 bytes, matching gguf-py's quantizer.")
+def _quantize_q4_1(answer: object) -> Verdict:
+    if not callable(answer):
+        raise TypeError("the answer should be your function itself (its name, without calling it)")
+    for x in _q4_1_cases():
+        got = answer(x.clone())
+        if (wrong_type := _returned_tensor(got, "the bytes")) is not None:
+            return wrong_type
+        expected = gguf_py_q4_1(x)
+        where = f"on a weight of shape {tuple(x.shape)},"
+        if got.dtype != torch.uint8:
+            return Verdict(NOT_YET, f"{where} it returned {got.dtype}; the answer is raw bytes, torch.uint8.")
+        if tuple(got.shape) != tuple(expected.shape):
+            return Verdict(NOT_YET, f"{where} it returned shape {tuple(got.shape)}: each block of 32 weights takes "
+                                    "20 bytes (d and m as float16, then 16 bytes of codes), one row per row of x.")
+        got = got.detach().cpu()
+        if torch.equal(got, expected):
+            continue
+        g, e = got.reshape(-1, 20), expected.reshape(-1, 20)
+        if torch.equal(g[:, :2], e[:, 2:4]) and torch.equal(g[:, 2:4], e[:, :2]):
+            return Verdict(NOT_YET, f"{where} d and m are swapped: the step d comes first, then the minimum m.")
+        if not torch.equal(g[:, 2:4], e[:, 2:4]):
+            return Verdict(NOT_YET, f"{where} m (bytes 2-3 of each block) differs: Q4_1 stores each block's "
+                                    "smallest value, as float16, and counts its codes up from it.")
+        if not torch.equal(g[:, :2], e[:, :2]):
+            return Verdict(NOT_YET, f"{where} d (bytes 0-1 of each block) differs: unlike Q4_0's signed extreme, "
+                                    "Q4_1's 16 levels span the block from its minimum to its maximum.")
+        swapped = (e[:, 4:] >> 4) | (e[:, 4:] << 4)
+        if torch.equal(g[:, 4:], swapped):
+            return Verdict(NOT_YET, f"{where} the nibbles are in the wrong order: as in Q4_0, the first 16 codes of "
+                                    "a block go in the low nibbles, the last 16 in the high ones.")
+        return Verdict(NOT_YET, f"{where} some codes differ: count each weight's steps d up from m, rounding to "
+                                "the nearest code in float32 as Q4_0's code does, and keep them within 0..15.")
+    return Verdict(RIGHT, "Your bytes are gguf-py's: Q4_1 pays 16 more bits per block of 32 than Q4_0 (5 bits per "
+                          "weight against 4.5) for a minimum that lets its grid follow a lopsided block, the same "
+                          "trade as an asymmetric group with a zero point.")

@@ -183,6 +183,60 @@ def exercise_02_3(x: torch.Tensor) -> int:
     return max(t for t in THRESHOLDS if outliers.outlier_columns(activations, t).tolist() == default)
 
 
+# --- notebook 03 ------------------------------------------------------------------------------------------------
+
+
+def exercise_03_1() -> torch.Tensor:
+    """bitsandbytes' FP4 table in code order, from the bits of each code.
+
+    Bit 3 is the sign, bits 2-1 the exponent field e, bit 0 the mantissa bit m. For e = 1, 2, 3 the magnitude is
+    (1 + m/2) x 2**(4 - e); e = 0 is subnormal: 0, or 0.0625 with m = 1. Dividing by the largest magnitude (12) puts
+    the table in [-1, 1].
+    """
+    values = []
+    for code in range(16):
+        sign = -1.0 if code >> 3 else 1.0
+        exponent, mantissa = (code >> 1) & 0b11, code & 1
+        magnitude = 0.0625 * mantissa if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (4 - exponent)
+        values.append(sign * magnitude)
+    table = torch.tensor(values, dtype=torch.float32)
+    return table / table.abs().max()
+
+
+def exercise_03_2(weight: torch.Tensor) -> int:
+    """Bytes of a 4-bit layer's absmax: one float32 (4 bytes) per block of 64 weights of the flattened weight."""
+    return weight.numel() // 64 * 4
+
+
+def exercise_03_3() -> float:
+    """NF4 with double quantization in blocks of 128: the 4-bit code, an 8-bit scale per 128 weights and a float32 per
+    256 blocks of 128."""
+    return 4 + 8 / 128 + 32 / (128 * 256)
+
+
+# --- notebook 03a -----------------------------------------------------------------------------------------------
+
+
+def exercise_03a_1() -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """A V100 (7.0), an RTX 3090 (8.6), an H100 (9.0): bfloat16 runs in hardware from compute capability 8.0 on."""
+    return tuple(torch.bfloat16 if capability >= (8, 0) else torch.float16
+                 for capability in ((7, 0), (8, 6), (9, 0)))
+
+
+def exercise_03a_2(layer) -> int:
+    """Every weight of the layer rebuilt in float16, 2 bytes each."""
+    return layer.out_features * layer.in_features * 2
+
+
+def exercise_03a_3(config, dtype: torch.dtype) -> int:
+    """The decoder Linear with the most weights (an MLP projection), rebuilt in ``dtype``."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    shapes = [(config.num_attention_heads * head_dim, hidden), (config.num_key_value_heads * head_dim, hidden),
+              (hidden, config.num_attention_heads * head_dim), (intermediate, hidden), (hidden, intermediate)]
+    return max(rows * columns for rows, columns in shapes) * torch.empty((), dtype=dtype).element_size()
+
+
 # --- notebook 04 ------------------------------------------------------------------------------------------------
 
 
@@ -282,93 +336,6 @@ def exercise_05_4(packed: torch.Tensor, shape) -> torch.Tensor:
     return pairs[: math.prod(shape)].reshape(tuple(shape))
 
 
-_SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4,
-              "01.1": exercise_01_1, "01.3": exercise_01_3, "01.4": exercise_01_4,
-              "02.2": exercise_02_2, "02.3": exercise_02_3,
-              "04.1": exercise_04_1, "04.2": exercise_04_2, "04.3": exercise_04_3,
-              "05.1": exercise_05_1, "05.3": exercise_05_3}
-_FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "04.4": exercise_04_4,
-              "05.2": exercise_05_2, "05.4": exercise_05_4}
-
-
-def answer(key: str, **context: object) -> object:
-    """What a solved notebook passes to ``exercises.check(key, ...)``: a value, or the function itself.
-
-    ``context``: what the exercise is about (the notebook's ``model``, a tensor ``x``), for the exercises that need it.
-    """
-    if key in _FUNCTIONS:
-        return _FUNCTIONS[key]
-    if key in _SOLUTIONS:
-        return _SOLUTIONS[key](**context)
-    raise KeyError(f"no solution for exercise {key!r}")
-
-
-KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
-
-
-# --- notebook 03 ------------------------------------------------------------------------------------------------
-
-
-def exercise_03_1() -> torch.Tensor:
-    """bitsandbytes' FP4 table in code order, from the bits of each code.
-
-    Bit 3 is the sign, bits 2-1 the exponent field e, bit 0 the mantissa bit m. For e = 1, 2, 3 the magnitude is
-    (1 + m/2) x 2**(4 - e); e = 0 is subnormal: 0, or 0.0625 with m = 1. Dividing by the largest magnitude (12) puts
-    the table in [-1, 1].
-    """
-    values = []
-    for code in range(16):
-        sign = -1.0 if code >> 3 else 1.0
-        exponent, mantissa = (code >> 1) & 0b11, code & 1
-        magnitude = 0.0625 * mantissa if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (4 - exponent)
-        values.append(sign * magnitude)
-    table = torch.tensor(values, dtype=torch.float32)
-    return table / table.abs().max()
-
-
-def exercise_03_2(weight: torch.Tensor) -> int:
-    """Bytes of a 4-bit layer's absmax: one float32 (4 bytes) per block of 64 weights of the flattened weight."""
-    return weight.numel() // 64 * 4
-
-
-def exercise_03_3() -> float:
-    """NF4 with double quantization in blocks of 128: the 4-bit code, an 8-bit scale per 128 weights and a float32 per
-    256 blocks of 128."""
-    return 4 + 8 / 128 + 32 / (128 * 256)
-
-
-_SOLUTIONS.update({"03.2": exercise_03_2, "03.3": exercise_03_3})
-_FUNCTIONS.update({"03.1": exercise_03_1})
-KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
-
-
-# --- notebook 03a -----------------------------------------------------------------------------------------------
-
-
-def exercise_03a_1() -> tuple[torch.dtype, torch.dtype, torch.dtype]:
-    """A V100 (7.0), an RTX 3090 (8.6), an H100 (9.0): bfloat16 runs in hardware from compute capability 8.0 on."""
-    return tuple(torch.bfloat16 if capability >= (8, 0) else torch.float16
-                 for capability in ((7, 0), (8, 6), (9, 0)))
-
-
-def exercise_03a_2(layer) -> int:
-    """Every weight of the layer rebuilt in float16, 2 bytes each."""
-    return layer.out_features * layer.in_features * 2
-
-
-def exercise_03a_3(config, dtype: torch.dtype) -> int:
-    """The decoder Linear with the most weights (an MLP projection), rebuilt in ``dtype``."""
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    shapes = [(config.num_attention_heads * head_dim, hidden), (config.num_key_value_heads * head_dim, hidden),
-              (hidden, config.num_attention_heads * head_dim), (intermediate, hidden), (hidden, intermediate)]
-    return max(rows * columns for rows, columns in shapes) * torch.empty((), dtype=dtype).element_size()
-
-
-_SOLUTIONS.update({"03a.1": exercise_03a_1, "03a.2": exercise_03a_2})
-_FUNCTIONS.update({"03a.3": exercise_03a_3})
-
-
 # --- notebook 06 ------------------------------------------------------------------------------------------------
 
 
@@ -410,11 +377,6 @@ def exercise_06_3(n_items: int, batch_size: int, steps: int) -> list[int]:
     return ends
 
 
-_SOLUTIONS.update({"06.1": exercise_06_1, "06.2": exercise_06_2})
-_FUNCTIONS.update({"06.3": exercise_06_3})
-KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))
-
-
 # --- notebook 06a -----------------------------------------------------------------------------------------------
 
 
@@ -449,5 +411,64 @@ def exercise_06a_3(residual: torch.Tensor, lora_config) -> float:
     return math.sqrt(((total - inside) + 0.5**2 * inside) / total)
 
 
-_SOLUTIONS.update({"06a.1": exercise_06a_1, "06a.2": exercise_06a_2, "06a.3": exercise_06a_3})
+# --- notebook 07 ------------------------------------------------------------------------------------------------
+
+
+def exercise_07_1() -> float:
+    """Bits per weight of 4-bit codes in groups of 128, with a 16-bit scale and a 16-bit zero point per group.
+
+    One group stores 128 codes of 4 bits plus 16 + 16 bits shared by the 128 weights.
+    """
+    return 4 + (16 + 16) / 128
+
+
+def exercise_07_2() -> float:
+    """The share of a positive maximum that 2-bit symmetric round-to-nearest keeps.
+
+    Codes -2..1; the scale maps the largest magnitude to 2**(bits-1) - 1/2 = 1.5 steps, and the top code is 1 step.
+    """
+    top_code = 2 ** (2 - 1) - 1
+    largest_magnitude_in_steps = 2 ** (2 - 1) - 0.5
+    return top_code / largest_magnitude_in_steps
+
+
+def exercise_07_3(x: torch.Tensor) -> torch.Tensor:
+    """Q4_1 bytes of ``x``: per block of 32, d = (max - min) / 15 and m = min as float16, then 32 4-bit codes.
+
+    Q4_0's code with the signed extreme replaced by the block's range: codes count steps up from the minimum,
+    trunc((x - min) / d + 0.5) with the inverse computed once (0 for a constant block), the first 16 in the low nibbles.
+    """
+    blocks = x.to(torch.float32).reshape(-1, 32)
+    low = blocks.amin(dim=1, keepdim=True)
+    d = (blocks.amax(dim=1, keepdim=True) - low) / 15
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.trunc((blocks - low) * inverse + 0.5).clamp(0, 15).to(torch.uint8)
+    packed = codes[:, :16] | (codes[:, 16:] << 4)
+    raw = torch.cat([d.to(torch.float16).view(torch.uint8), low.to(torch.float16).view(torch.uint8), packed], dim=1)
+    return raw.reshape(*x.shape[:-1], -1)
+
+
+_SOLUTIONS = {"00.1": exercise_00_1, "00.2": exercise_00_2, "00.4": exercise_00_4, "01.1": exercise_01_1,
+              "01.3": exercise_01_3, "01.4": exercise_01_4, "02.2": exercise_02_2, "02.3": exercise_02_3,
+              "03.2": exercise_03_2, "03.3": exercise_03_3, "03a.1": exercise_03a_1, "03a.2": exercise_03a_2,
+              "04.1": exercise_04_1, "04.2": exercise_04_2, "04.3": exercise_04_3, "05.1": exercise_05_1,
+              "05.3": exercise_05_3, "06.1": exercise_06_1, "06.2": exercise_06_2, "06a.1": exercise_06a_1,
+              "06a.2": exercise_06a_2, "06a.3": exercise_06a_3, "07.1": exercise_07_1, "07.2": exercise_07_2}
+_FUNCTIONS = {"00.3": exercise_00_3, "01.2": exercise_01_2, "02.1": exercise_02_1, "03.1": exercise_03_1,
+              "03a.3": exercise_03a_3, "04.4": exercise_04_4, "05.2": exercise_05_2, "05.4": exercise_05_4,
+              "06.3": exercise_06_3, "07.3": exercise_07_3}
+
+
+def answer(key: str, **context: object) -> object:
+    """What a solved notebook passes to ``exercises.check(key, ...)``: a value, or the function itself.
+
+    ``context``: what the exercise is about (the notebook's ``model``, a tensor ``x``), for the exercises that need it.
+    """
+    if key in _FUNCTIONS:
+        return _FUNCTIONS[key]
+    if key in _SOLUTIONS:
+        return _SOLUTIONS[key](**context)
+    raise KeyError(f"no solution for exercise {key!r}")
+
+
 KEYS = tuple(sorted([*_SOLUTIONS, *_FUNCTIONS]))

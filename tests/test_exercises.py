@@ -47,7 +47,12 @@ def _planted_activations():  # tokens x features with one outlier feature, |x| f
 def context(key):
     """What the notebook passes with the answer, for the exercises that need it (EXERCISES[key].context)."""
     return {"01.1": lambda: {"model": _meta("tiny")}, "01.3": lambda: {"model": _meta("tiny")},
-            "02.3": lambda: {"x": _planted_activations()}, "04.1": lambda: {"model": _meta("tiny")}}.get(key, dict)()
+            "02.3": lambda: {"x": _planted_activations()}, "03.2": lambda: {"weight": _TINY_UP_PROJ},
+            "03a.2": lambda: {"layer": _TINY_UP_PROJ_LAYER}, "04.1": lambda: {"model": _meta("tiny")},
+            "06.1": lambda: {"model": _meta("tiny"), "lora_config": _tiny_lora_config()},
+            "06.2": lambda: {"settings": _tiny_settings()}, "06a.2": lambda: {"model": _tiny_with_lora()},
+            "06a.3": lambda: {"residual": _residual_with_structure(), "lora_config": _tiny_lora_config(r=8)},
+            }.get(key, dict)()  # the names defined further down are looked up when a test runs
 
 
 # typical wrong answers to notebook 01's exercises (the tiny model: 6 layers, 2 of 4 heads for keys and values)
@@ -404,17 +409,6 @@ WRONG.update({
 })
 
 
-def _context_03(key):
-    return {"03.2": {"weight": _TINY_UP_PROJ}}.get(key)
-
-
-_context_before_03 = context
-
-
-def context(key):  # noqa: F811 (extends the contexts above with notebook 03's)
-    return _context_03(key) or _context_before_03(key)
-
-
 def test_notebook_03s_exercises_hold_on_every_reference_config_and_accept_any_route():
     import bitsandbytes.functional as bnb_functional
 
@@ -455,17 +449,6 @@ WRONG.update({
               (_q_proj_only, "MLP's matrices are larger"), (lambda config, dtype: None, "forget `return`"),
               (lambda config, dtype: 1000, "the bytes are off")],
 })
-
-
-def _context_03a(key):
-    return {"03a.2": {"layer": _TINY_UP_PROJ_LAYER}}.get(key)
-
-
-_context_before_03a = context
-
-
-def context(key):  # noqa: F811 (extends the contexts above with notebook 03a's)
-    return _context_03a(key) or _context_before_03a(key)
 
 
 def test_notebook_03as_exercises_follow_the_course_rule_and_the_memory_plan():
@@ -622,21 +605,6 @@ WRONG.update({
 })
 
 
-def _context_06(key):
-    return {"06.1": lambda: {"model": _meta("tiny"), "lora_config": _tiny_lora_config()},
-            "06.2": lambda: {"settings": _tiny_settings()},
-            "06a.2": lambda: {"model": _tiny_with_lora()},
-            "06a.3": lambda: {"residual": _residual_with_structure(), "lora_config": _tiny_lora_config(r=8)},
-            }.get(key, lambda: None)()
-
-
-_context_before_06 = context
-
-
-def context(key):  # noqa: F811 (extends the contexts above with notebooks 06's and 06a's)
-    return _context_06(key) or _context_before_06(key)
-
-
 def test_notebook_06s_checkers_agree_with_peft_and_the_course_on_every_reference_config():
     from peft import get_peft_model
 
@@ -673,3 +641,83 @@ def test_notebook_06as_checkers_measure_what_the_notebook_computes():
     share = _SHARE
     assert share > 0.5  # the planted rank-4 part: the hints' values are far apart
     assert exercises.grade("06a.3", round(_ratio(share), 3), residual=residual, lora_config=config).status == RIGHT
+
+
+# --- notebook 07 ------------------------------------------------------------------------------------------------
+
+def _q4_0_style(x):  # Q4_0's signed extreme kept, with a minimum slotted in: d differs
+    blocks = x.float().reshape(-1, 32)
+    low = blocks.amin(1, keepdim=True)
+    d = blocks.gather(1, blocks.abs().argmax(1, keepdim=True)) / -8
+    codes = torch.trunc((blocks - low) / d + 0.5).clamp(0, 15).to(torch.uint8)
+    raw = torch.cat([d.half().view(torch.uint8), low.half().view(torch.uint8), codes[:, :16] | (codes[:, 16:] << 4)], 1)
+    return raw.reshape(*x.shape[:-1], -1)
+
+
+def _d_and_m_swapped(x):
+    raw = solutions.exercise_07_3(x).reshape(-1, 20)
+    return torch.cat([raw[:, 2:4], raw[:, :2], raw[:, 4:]], 1).reshape(*x.shape[:-1], -1)
+
+
+def _high_nibbles_first(x):
+    raw = solutions.exercise_07_3(x).reshape(-1, 20)
+    codes = raw[:, 4:]
+    return torch.cat([raw[:, :4], (codes >> 4) | (codes << 4)], 1).reshape(*x.shape[:-1], -1)
+
+
+def _minimum_in_float32_bytes(x):  # m stored as the float32's low bytes: the block is too long
+    raw = solutions.exercise_07_3(x).reshape(-1, 20)
+    low = x.float().reshape(-1, 32).amin(1, keepdim=True).view(torch.uint8)
+    return torch.cat([raw[:, :2], low, raw[:, 4:]], 1).reshape(*x.shape[:-1], -1)
+
+
+def _codes_floored(x):  # floor instead of rounding to the nearest code
+    blocks = x.float().reshape(-1, 32)
+    raw = solutions.exercise_07_3(x).reshape(-1, 20).clone()
+    low = blocks.amin(1, keepdim=True)
+    d = (blocks.amax(1, keepdim=True) - low) / 15
+    codes = torch.floor((blocks - low) * torch.where(d == 0, 0, 1 / d)).clamp(0, 15).to(torch.uint8)
+    raw[:, 4:] = codes[:, :16] | (codes[:, 16:] << 4)
+    return raw.reshape(*x.shape[:-1], -1)
+
+
+WRONG.update({
+    "07.1": [(4.125, "count the zero point too"), (4.15625, "not a packed 4-bit code"), (4.5, "not 64"),
+             (4.3125, "the format measured above"), (4, "the codes alone"), (0.25, "add the codes' own bits"),
+             (5, "divided among the weights")],
+    "07.2": [(1, "one level more below zero"), (0.333, "the share lost"), (1 / 3, "the share lost"),
+             (0.933, "the 4-bit share"), (6 / 7, "the 3-bit share"), (0.5, "half a step past"),
+             (0.75, "in steps, and divide")],
+    "07.3": [(_q4_0_style, "d (bytes 0-1 of each block) differs"), (_d_and_m_swapped, "d and m are swapped"),
+             (_high_nibbles_first, "wrong order"), (_minimum_in_float32_bytes, "it returned shape"),
+             (_codes_floored, "some codes differ"), (lambda x: None, "forget `return`"),
+             (lambda x: solutions.exercise_07_3(x).long(), "torch.uint8")],
+})
+
+
+def test_any_correct_way_is_accepted_in_notebook_07():
+    assert exercises.grade("07.1", 4.25).status == RIGHT
+    assert exercises.grade("07.2", 0.667).status == RIGHT and exercises.grade("07.2", 2 / 3).status == RIGHT
+
+    def with_round(x):  # round-half-even instead of trunc(+0.5), and a division: same codes off exact ties
+        blocks = x.float().reshape(-1, 32)
+        low, high = blocks.min(1, keepdim=True).values, blocks.max(1, keepdim=True).values
+        d = (high - low) / 15
+        codes = torch.nan_to_num(torch.round((blocks - low) / d)).clamp(0, 15).to(torch.uint8)
+        head = torch.cat([d.half(), low.half()], 1).view(torch.uint8)
+        return torch.cat([head, codes[:, :16] + 16 * codes[:, 16:]], 1).reshape(*x.shape[:-1], -1)
+
+    assert exercises.grade("07.3", with_round).status == RIGHT
+
+
+def test_the_notebook_07_checkers_measure_what_the_notebook_prints():
+    from helpers import groupwise
+
+    assert exercises.symmetric_share_kept(2) == pytest.approx(2 / 3)  # the clipping cell's claim
+    low, high = groupwise.code_range(4)
+    assert exercises.symmetric_share_kept(4) == pytest.approx(high / ((high - low) / 2))
+    assert exercises.groupwise_bits_per_weight(4, 64, 16, 4) == groupwise.bits_per_weight_formula(4, 64, False, 16)
+    x = exercises._q4_1_cases()[1]  # Q4_1: 20 bytes per block of 32, d and m in float16, as gguf-py writes them
+    raw = exercises.gguf_py_q4_1(x).reshape(-1, 20)
+    blocks = x.reshape(-1, 32)
+    assert torch.equal(raw[:, 2:4].contiguous().view(torch.float16).flatten(), blocks.amin(1).half())

@@ -2,6 +2,7 @@
 
 - ``colab``: the setup cell's Colab install (standard library only) and the repository's address
 - ``repository``: ``make set-repository``, which points badges and setup cells at a fork
+- ``course``: the notebooks' one setup call (Colab installs, known noise, the profile), three lines of output
 - ``environment``: hardware, offline mode, seeding, quieting known noise, portable random numbers, versions
 - ``basics``: notebook 00's float formats bit by bit and linear quantization from scratch (absmax, zero point,
   per tensor, channel or group)

@@ -342,9 +342,7 @@ def colab_badge_url(notebook_name: str, url: str = REPOSITORY_URL, branch: str =
     return f"https://colab.research.google.com/github/{slug}/blob/{branch}/notebooks/{notebook_name}"
 
 
-_SETUP_CELL = '''\
-# NBVAL_IGNORE_OUTPUT
-# (this cell prints package versions and the hardware, which differ from machine to machine)
+_FIND_THE_COURSE = '''\
 import sys
 from pathlib import Path
 
@@ -357,29 +355,18 @@ if "google.colab" in sys.modules and not CLONE.is_dir():  # Colab: fetch the cou
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents, CLONE.resolve()] if (p / "helpers").is_dir())
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from helpers import colab  # standard library only: it runs before anything it may install is imported
-colab.install_on_colab(ROOT)  # Colab: only the Hugging Face libraries it lacks or has at other versions
-from helpers import environment
-environment.print_versions()'''
+'''
+
+_SETUP_CELL = ('''\
+PROFILE = None  # None: chosen from the hardware; or "tiny", "llama-3.2-3b", "llama-3.1-8b"
+''' + _FIND_THE_COURSE + '''\
+from helpers import course  # on Colab it installs what is missing (never torch); then quiets known noise
+profile = course.start(ROOT, PROFILE)  # chooses, checks and prints the profile''')
 
 
-_LESSON_SETUP_CELL = '''\
-# NBVAL_IGNORE_OUTPUT
-# (this cell prints package versions, which differ from machine to machine)
-import sys
-from pathlib import Path
-
-REPOSITORY_URL = "{url}"
-REPOSITORY_BRANCH = "{branch}"
-CLONE = Path(REPOSITORY_URL.rsplit("/", 1)[-1])
-if "google.colab" in sys.modules and not CLONE.is_dir():  # Colab: fetch the course code once per runtime
-    import subprocess
-    subprocess.run(["git", "clone", "--depth", "1", "--branch", REPOSITORY_BRANCH, REPOSITORY_URL], check=True)
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents, CLONE.resolve()] if (p / "helpers").is_dir())
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from helpers import environment  # this lesson needs torch, numpy and matplotlib only: nothing to install
-environment.print_lesson_versions()'''
+_LESSON_SETUP_CELL = _FIND_THE_COURSE + '''\
+from helpers import course  # this lesson needs torch, numpy and matplotlib only: nothing to install
+course.start_lesson()'''
 
 MODEL_FREE_NOTEBOOKS = ("00_quantization_basics.ipynb",)
 """Notebooks that load no model and import no Hugging Face library. Their setup cell (``_LESSON_SETUP_CELL``) only

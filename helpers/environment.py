@@ -206,10 +206,14 @@ LESSON_PACKAGES = ("torch", "numpy", "matplotlib")
 """What a lesson without a model (notebook 00) computes and draws with."""
 
 
-def print_lesson_versions(packages: tuple[str, ...] = LESSON_PACKAGES) -> None:
-    """One line of versions for a lesson that loads no model: the packages its numbers and figures come from."""
+def versions_line(packages: tuple[str, ...] = COURSE_PACKAGES) -> str:
+    """One line: python and each package at the version it runs at, then how PyTorch computes on this CPU."""
     versions = package_versions(packages)
-    print(", ".join(f"{name} {version.removesuffix(' (not imported yet)')}" for name, version in versions.items()))
+    text = ", ".join(f"{name} {version.removesuffix(' (not imported yet)')}" for name, version in versions.items())
+    late = "; torch was imported before helpers, so the CPU pins may not apply" if helpers.TORCH_WAS_IMPORTED_FIRST else ""
+    threads = torch.get_num_threads()
+    return (f"{text}; PyTorch CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"{threads} thread{'s' if threads != 1 else ''}{late}")
 
 
 def print_versions() -> None:

@@ -76,7 +76,7 @@ PROFILES: dict[str, Profile] = {
 def automatic_profile_name(hardware: Hardware) -> tuple[str, str]:
     """The profile this hardware should use, and why (pure: no I/O)."""
     if hardware.device != "cuda":
-        return "tiny", "no CUDA GPU found, so the shipped tiny model runs on the CPU"
+        return "tiny", "no CUDA GPU found"
     memory_gb = (hardware.gpu_memory_bytes or 0) / 1e9
     if (hardware.gpu_memory_bytes or 0) >= LARGE_GPU_MIN_BYTES:
         return "llama-3.1-8b", f"{hardware.gpu_name} has {memory_gb:.0f} GB, enough for Llama-3.1-8B in float32"
@@ -135,13 +135,14 @@ def choose_profile(requested: str | None = None, hardware: Hardware | None = Non
     profile = PROFILES[name]
     check_profile_usable(profile, hardware, offline=hub_offline(),
                          has_token=(not profile.gated) or hardware.rehearsal or hub_token_available())
-    print(f"Profile: {profile.name} - {profile.description}")
-    print(f"  why: {reason}")
-    print(f"  hardware: {hardware.describe()}")
-    if hardware.rehearsal and environment.emulate_gpu_float16_products():
-        print("  float16 and bfloat16 matrix products: float32 accumulation, rounded once, as on the GPU "
-              "(this CPU's own float16 GEMM is about 100x slower)")
-    print(f"  override: set PROFILE in the cell above or {PROFILE_ENV_VAR}; choices: {', '.join(PROFILES)}")
+    others = " or ".join(f'"{other}"' for other in PROFILES if other != profile.name)
+    print(f"Profile {profile.name}: {profile.description}; {reason}. "
+          f"To choose: PROFILE = {others} above, or {PROFILE_ENV_VAR}.")
+    if hardware.rehearsal:
+        print(f"  rehearsal: {hardware.describe()}")
+        if environment.emulate_gpu_float16_products():
+            print("  float16 and bfloat16 matrix products: float32 accumulation, rounded once, as on the GPU "
+                  "(this CPU's own float16 GEMM is about 100x slower)")
     work = workload.current()  # a wrong COURSE_WORKLOAD stops here, with the choices
     if work.reduced:  # the full lesson prints nothing here
         print(f"  workload: {work.describe()}, set by {workload.WORKLOAD_ENV_VAR}; unset it for the lesson's sizes")

@@ -86,10 +86,12 @@ def test_the_module_imports_the_standard_library_only():
 def test_setup_cell_text_and_one_place_for_the_repository():
     source = colab.setup_cell_source()
     lines = source.splitlines()
-    assert lines[0] == "# NBVAL_IGNORE_OUTPUT" and lines[1].startswith("# (")
+    assert lines[0].startswith("PROFILE = None  # ") and len(lines) <= 15
     assert f'REPOSITORY_URL = "{colab.REPOSITORY_URL}"' in lines and 'REPOSITORY_BRANCH = "main"' in lines
-    assert source.index("colab.install_on_colab(ROOT)") < source.index("from helpers import environment")
-    assert "transformers" not in source.split("colab.install_on_colab(ROOT)")[0]
+    assert lines[-2:] == ["from helpers import course  # on Colab it installs what is missing (never torch); then "
+                          "quiets known noise", "profile = course.start(ROOT, PROFILE)  # chooses, checks and prints "
+                          "the profile"]
+    assert "transformers" not in source and "torch" not in source.replace("(never torch)", "")
     assert environment.REPOSITORY_URL == colab.REPOSITORY_URL and environment.REPOSITORY_BRANCH == "main"
     assert colab.colab_badge_url("01_full_precision.ipynb") == (
         "https://colab.research.google.com/github/llm-quantization-course/llm-quantization-course/blob/main/"
@@ -140,16 +142,15 @@ def test_the_setup_cell_on_colab_clones_once_then_installs_nothing_here(monkeypa
     assert clones == [["git", "clone", "--depth", "1", "--branch", "main", colab.REPOSITORY_URL]]
     assert namespace["ROOT"] == tmp_path / colab.REPOSITORY_NAME and sys.path.count(str(namespace["ROOT"])) == 1
     out = capsys.readouterr().out
-    assert out.count("at the pinned versions: nothing installed") == 2 and "colab: True" in out
+    assert out.count("at the pinned versions: nothing installed") == 2 and out.count("Profile tiny: ") == 2
+    assert namespace["profile"].name == "tiny"
 
 
 def test_the_lesson_setup_cell_clones_and_installs_nothing(monkeypatch, tmp_path, capsys):
     """A notebook that loads no model (00) only fetches the course code: Colab has torch, numpy and matplotlib."""
     name = colab.MODEL_FREE_NOTEBOOKS[0]
     source = colab.setup_cell_source(notebook_name=name)
-    assert source != colab.setup_cell_source() and "install_on_colab" not in source
-    assert source.splitlines()[:2] == ["# NBVAL_IGNORE_OUTPUT", "# (this cell prints package versions, which differ "
-                                       "from machine to machine)"]
+    assert source != colab.setup_cell_source() and "course.start(" not in source and "PROFILE" not in source
     clones, real_run = [], subprocess.run
 
     def fake_clone(command, *args, **kwargs):
@@ -172,7 +173,7 @@ def test_the_lesson_setup_cell_clones_and_installs_nothing(monkeypatch, tmp_path
     exec(source, namespace)
     assert clones == [["git", "clone", "--depth", "1", "--branch", "main", colab.REPOSITORY_URL]]
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and out.startswith("python ") and "torch " in out and "matplotlib " in out
+    assert out.count("\n") == 1 and out.startswith("Running on: python ") and "torch " in out and "matplotlib " in out
     assert not colab.needs_model(name) and colab.needs_model("01_full_precision.ipynb")
 
 

@@ -53,10 +53,10 @@ def test_colab_badge_and_setup_point_at_the_repository(path):
     setup = code_cells(notebook)[0].source
     assert f'REPOSITORY_URL = "{colab.REPOSITORY_URL}"' in setup
     if colab.needs_model(path.name):
-        assert "install_on_colab" in setup
+        assert "course.start(ROOT, PROFILE)" in setup  # which installs on Colab (helpers.course.start)
         assert notebook.metadata.get("accelerator") == "GPU"
     else:  # Colab already has all it imports, and a lesson without a model needs no GPU
-        assert "install_on_colab" not in setup and "accelerator" not in notebook.metadata
+        assert "course.start_lesson()" in setup and "accelerator" not in notebook.metadata
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -74,8 +74,21 @@ def test_readme_badges_point_at_the_repository():
 
 
 @pytest.mark.parametrize("path", MODEL_NOTEBOOKS, ids=lambda p: p.name)
-def test_profile_parameter_in_the_first_cells(path):
-    assert any(cell.source.startswith("PROFILE = ") for cell in code_cells(read(path))[:3])
+def test_the_profile_parameter_is_the_first_line_of_the_setup_cell(path):
+    cells = code_cells(read(path))
+    assert cells[0].source.startswith("PROFILE = None  #")
+    assert not any("PROFILE = " in cell.source or "choose_profile(" in cell.source for cell in cells[1:])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_setup_cell_with_at_most_three_lines_then_the_lesson(path):
+    """Issue 21: one setup cell, at most 3 lines of output, and the next markdown cell opens section 1."""
+    notebook = read(path)
+    setup = next(i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code")
+    text = "".join(output.get("text", "") for output in notebook.cells[setup].outputs)
+    assert len(text.splitlines()) <= 3, text
+    assert not any(marker in notebook.cells[setup].source for marker in IGNORE_MARKERS)  # compared, but one line
+    assert notebook.cells[setup + 1].cell_type == "markdown" and notebook.cells[setup + 1].source.startswith("## 1.")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -53,7 +53,9 @@ def test_choose_profile_on_this_machine_prints_choice_and_reason(capsys, monkeyp
     profile = profiles.choose_profile(None, hardware=CPU)
     out = capsys.readouterr().out
     assert profile.name == "tiny"
-    assert "Profile: tiny" in out and "why: no CUDA GPU" in out and "override:" in out
+    assert out.startswith("Profile tiny: the course's own tiny Llama") and "; no CUDA GPU found. " in out
+    assert 'To choose: PROFILE = "llama-3.2-3b" or "llama-3.1-8b" above, or COURSE_PROFILE.' in out
+    assert out.count("\n") == 1
 
 
 def test_bf16_native_only_from_ampere():

@@ -265,6 +265,14 @@ BEYOND_BITSANDBYTES_LIBRARIES = ("hqq", "einops", "termcolor", "gguf", "loguru",
                                  "llmcompressor")
 """What notebook 07 imports beyond COLAB_LIBRARIES (canonical names; the last two are ``#no-deps`` pins)."""
 
+TRAINING_LIBRARIES = ("trl", "datasets")
+"""What notebook 06 imports beyond COLAB_LIBRARIES: TRL's SFTTrainer and the datasets it reads."""
+
+NOTEBOOK_EXTRAS = {"06_qlora_finetune": TRAINING_LIBRARIES, "07_beyond_bitsandbytes": BEYOND_BITSANDBYTES_LIBRARIES}
+"""Notebooks that need libraries beyond COLAB_LIBRARIES, by notebook name (without ``.ipynb``). Their setup cell
+passes the name to ``course.start``, which installs them on Colab before the lesson starts, so that a restart asked for
+by an install never costs the student a training run."""
+
 
 def read_no_deps_pins(requirements_text: str) -> dict[str, str]:
     """The ``#no-deps name==version`` pins of a requirements text, by canonical name (pip itself skips them)."""
@@ -385,7 +393,14 @@ def setup_cell_source(url: str = REPOSITORY_URL, branch: str = REPOSITORY_BRANCH
     a notebook of ``MODEL_FREE_NOTEBOOKS`` the short one (None: the installing one, which most notebooks use)."""
     check_repository(url, branch)
     template = _SETUP_CELL if notebook_name is None or needs_model(notebook_name) else _LESSON_SETUP_CELL
-    return template.format(url=url, branch=branch)
+    source = template.format(url=url, branch=branch)
+    stem = Path(notebook_name or "").stem
+    if stem in NOTEBOOK_EXTRAS:
+        source = source.replace("profile = course.start(ROOT, PROFILE)  # chooses, checks and prints the profile",
+                                "# on Colab it also installs this notebook's own libraries (helpers/colab.py, NOTEBOOK_EXTRAS)\n"
+                                f'profile = course.start(ROOT, PROFILE, extras_for="{stem}")  # chooses, checks, '
+                                "prints the profile")
+    return source
 
 
 if __name__ == "__main__":

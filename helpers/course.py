@@ -17,12 +17,20 @@ RUNNING_ON = "Running on:"
 notebook tests replace that one line (tests/nbval_sanitize.cfg) and compare the rest of the cell."""
 
 
-def start(root: str | Path, requested_profile: str | None = None):
+def start(root: str | Path, requested_profile: str | None = None, extras_for: str | None = None):
     """Install what Colab lacks (elsewhere nothing), quiet the known harmless messages, choose, check and announce
     the profile (``requested_profile``: the notebook's PROFILE, None for automatic), seed everything, and return the
     profile. Prints the profile, this machine and what was quieted, one line each (a rehearsal adds its own lines).
+
+    ``extras_for``: a notebook of ``colab.NOTEBOOK_EXTRAS`` (its name without ``.ipynb``), whose extra libraries
+    are installed too on Colab, before anything is trained. Raises ValueError for a name that has none.
     """
+    if extras_for is not None and extras_for not in colab.NOTEBOOK_EXTRAS:
+        raise ValueError(f"no extra libraries are listed for {extras_for!r}; extras_for takes one of "
+                         f"{', '.join(sorted(colab.NOTEBOOK_EXTRAS))} (helpers/colab.py, NOTEBOOK_EXTRAS), or None")
     colab.install_on_colab(root)  # on Colab only; it prints what it installed
+    if extras_for is not None:
+        colab.install_extras_on_colab(root, colab.NOTEBOOK_EXTRAS[extras_for])  # on Colab only
     from helpers import environment, profiles  # torch and the Hugging Face libraries load from here on
 
     quieted = environment.quiet_known_noise(verbose=False)  # before anything imports bitsandbytes

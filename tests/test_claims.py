@@ -70,6 +70,8 @@ DESCRIPTIVE = {
     "fields of a quant state": re.compile(r"nested (True|False), absmax|repacked (True|False)"),
     # where the notebook runs (the versions cell): a fact about the machine, not about the lesson's numbers
     "where the notebook runs": re.compile(r"colab: (True|False)\s+hub offline: (True|False)"),
+    # source code a notebook prints with inspect.getsource: a keyword argument, not a claim
+    "keyword arguments in printed source": re.compile(r"\(.*\b\w+=(True|False)\)"),
     # PyTorch's module reprs (the cells check that no Linear has a bias)
     "module reprs": re.compile(r"\((in_features|p)=.*(bias|inplace)=(True|False)\)"),
 }

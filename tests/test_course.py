@@ -37,3 +37,20 @@ def test_start_lesson_prints_one_line(capsys):
     course.start_lesson()
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("Running on: python ") and "matplotlib " in out
+
+
+def test_extras_are_named_by_notebook_and_a_wrong_name_stops_before_anything_is_installed(monkeypatch, tmp_path):
+    from helpers import colab
+
+    installs = []
+    monkeypatch.setattr(colab, "install_on_colab", lambda root: installs.append(root))
+    with pytest.raises(ValueError, match="no extra libraries are listed for '06_qlora'; extras_for takes one of "
+                                         "06_qlora_finetune, 07_beyond_bitsandbytes"):
+        course.start(tmp_path, extras_for="06_qlora")
+    assert installs == []
+    requirements = (Path(__file__).parents[1] / "requirements.txt").read_text()
+    pinned = set(colab.read_pins(requirements)) | set(colab.read_no_deps_pins(requirements))
+    for stem, libraries in colab.NOTEBOOK_EXTRAS.items():  # every extra is an exact pin, and only those notebooks ask
+        assert set(libraries) <= pinned, stem
+        assert f'extras_for="{stem}"' in colab.setup_cell_source(notebook_name=f"{stem}.ipynb")
+    assert "extras_for" not in colab.setup_cell_source(notebook_name="03_nf4.ipynb")

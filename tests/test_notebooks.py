@@ -53,7 +53,7 @@ def test_colab_badge_and_setup_point_at_the_repository(path):
     setup = code_cells(notebook)[0].source
     assert f'REPOSITORY_URL = "{colab.REPOSITORY_URL}"' in setup
     if colab.needs_model(path.name):
-        assert "course.start(ROOT, PROFILE)" in setup  # which installs on Colab (helpers.course.start)
+        assert "course.start(ROOT, PROFILE" in setup  # which installs on Colab (helpers.course.start)
         assert notebook.metadata.get("accelerator") == "GPU"
     else:  # Colab already has all it imports, and a lesson without a model needs no GPU
         assert "course.start_lesson()" in setup and "accelerator" not in notebook.metadata

@@ -1112,18 +1112,8 @@ def _unpack_bitsandbytes(answer: object) -> Verdict:
 
 # --- notebook 06 ------------------------------------------------------------------------------------------------
 
-def _llama_linear_sizes(config) -> dict[str, tuple[int, int]]:
-    """``(in_features, out_features)`` of each decoder Linear of a Llama config, from its sizes."""
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    return {"q_proj": (hidden, query), "k_proj": (hidden, key_value), "v_proj": (hidden, key_value),
-            "o_proj": (query, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
-            "down_proj": (intermediate, hidden)}
-
-
 def _lora_count(config, r: int, targets) -> int:
-    sizes = _llama_linear_sizes(config)
+    sizes = _projection_shapes(config)
     return config.num_hidden_layers * sum(r * (i + o) for name, (i, o) in sizes.items() if name in set(targets))
 
 
@@ -1131,7 +1121,7 @@ def _base_count(config) -> int:
     """Every parameter of a Llama config: embeddings, the layers (seven Linears, two norms), the final norm, and
     lm_head unless it is tied to the embeddings."""
     hidden, vocab = config.hidden_size, config.vocab_size
-    per_layer = sum(i * o for i, o in _llama_linear_sizes(config).values()) + 2 * hidden
+    per_layer = sum(i * o for i, o in _projection_shapes(config).values()) + 2 * hidden
     lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden
     return vocab * hidden + config.num_hidden_layers * per_layer + hidden + lm_head
 
@@ -1148,7 +1138,7 @@ def _trainable_percent(answer: object, *, model: torch.nn.Module, lora_config) -
         return Verdict(RIGHT, "peft divides LoRA's parameters by everything the model holds, the LoRA matrices "
                               "included, and counts a 4-bit weight as the values it stands for, not its packed "
                               "bytes. A few percent on the tiny model; well under one percent on a real Llama.")
-    packed = base - sum(i * o for i, o in _llama_linear_sizes(config).values()) * config.num_hidden_layers // 2
+    packed = base - sum(i * o for i, o in _projection_shapes(config).values()) * config.num_hidden_layers // 2
     alpha_count = _lora_count(config, int(lora_config.lora_alpha), targets)
     return _hint_for(predicted, [
         (100 * lora_params / base, "the total peft prints includes the LoRA matrices themselves: divide by base "

@@ -308,11 +308,12 @@ def rehearse(profile_names: list[str], notebooks: list[Path], work: Path = WORK_
         results = junit_results(output_dir / JUNIT_NAME, notebooks)
         failed |= not all(result.passed for result in results)
         lines = [lane_summary("rehearsal", name, results, output_dir)]
+        width = max([len(path.stem) for path in notebooks] + [22])
         for path in notebooks:
             copy = output_dir / path.name
             if copy.is_file():
                 laws, observations = claim_counts(copy)
-                lines.append(f"    {path.stem:<22} laws checked {laws:>3}, "
+                lines.append(f"    {path.stem:<{width}} laws checked {laws:>3}, "
                              f"observations not checked here (random weights) {observations:>3}")
         summaries.append("\n".join(lines))
     print("\n".join(summaries))

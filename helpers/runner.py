@@ -200,12 +200,13 @@ def lane_summary(lane: str, profile_name: str, results: list[NotebookResult], ou
     shown = output_dir.relative_to(REPO_ROOT) if output_dir.is_relative_to(REPO_ROOT) else output_dir
     lines = [f"{lane} on profile {profile_name}: {passed} of {len(results)} notebooks passed in {minutes:.1f} min; "
              f"executed copies and {JUNIT_NAME} in {shown}/"]
+    width = max([len(result.name) for result in results] + [22])
     for result in results:
         problem = result.problem or ""
         if len(problem) > SUMMARY_ERROR_WIDTH:
             problem = problem[:SUMMARY_ERROR_WIDTH - 3] + "..."
         verdict = "passed" if result.passed else "FAILED"
-        lines.append(f"  {verdict}  {result.name:<22} {result.seconds:5.0f} s  {problem}".rstrip())
+        lines.append(f"  {verdict}  {result.name:<{width}} {result.seconds:5.0f} s  {problem}".rstrip())
     return "\n".join(lines)
 
 

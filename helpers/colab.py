@@ -369,7 +369,11 @@ _SETUP_CELL = ('''\
 PROFILE = None  # None: chosen from the hardware; or "tiny", "llama-3.2-3b", "llama-3.1-8b"
 ''' + _FIND_THE_COURSE + '''\
 from helpers import course  # on Colab it installs what is missing (never torch); then quiets known noise
-profile = course.start(ROOT, PROFILE)  # chooses, checks and prints the profile''')
+{start}''')
+
+_START = "profile = course.start(ROOT, PROFILE)  # chooses, checks and prints the profile"
+_START_WITH_EXTRAS = ("# on Colab it also installs this notebook's own libraries (helpers/colab.py, NOTEBOOK_EXTRAS)\n"
+                      'profile = course.start(ROOT, PROFILE, extras_for="{stem}")  # chooses, checks, prints the profile')
 
 
 _LESSON_SETUP_CELL = _FIND_THE_COURSE + '''\
@@ -393,14 +397,9 @@ def setup_cell_source(url: str = REPOSITORY_URL, branch: str = REPOSITORY_BRANCH
     a notebook of ``MODEL_FREE_NOTEBOOKS`` the short one (None: the installing one, which most notebooks use)."""
     check_repository(url, branch)
     template = _SETUP_CELL if notebook_name is None or needs_model(notebook_name) else _LESSON_SETUP_CELL
-    source = template.format(url=url, branch=branch)
     stem = Path(notebook_name or "").stem
-    if stem in NOTEBOOK_EXTRAS:
-        source = source.replace("profile = course.start(ROOT, PROFILE)  # chooses, checks and prints the profile",
-                                "# on Colab it also installs this notebook's own libraries (helpers/colab.py, NOTEBOOK_EXTRAS)\n"
-                                f'profile = course.start(ROOT, PROFILE, extras_for="{stem}")  # chooses, checks, '
-                                "prints the profile")
-    return source
+    start = _START_WITH_EXTRAS.format(stem=stem) if stem in NOTEBOOK_EXTRAS else _START
+    return template.format(url=url, branch=branch, start=start)
 
 
 if __name__ == "__main__":
